@@ -1,0 +1,1 @@
+"""Real-time inference worker for sensor readings in PostgreSQL."""

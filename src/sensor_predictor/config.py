@@ -1,0 +1,215 @@
+"""Settings from the environment: the old service's variable names and defaults, plus ours."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the worker and the commands read from the environment."""
+
+    mlflow_tracking_uri: str = "http://mlflow:5000"
+    postgres_host: str = "localhost"
+    postgres_port: int = 5432
+    postgres_user: str = "sensor_user"
+    postgres_password: Secret = field(default_factory=lambda: Secret("sensor_password"))
+    postgres_db: str = "sensor_data"
+    prediction_batch_size: int = 100
+    inference_interval_seconds: float = 30.0
+    drift_threshold: float = 0.1
+    drift_detection_window: int = 100
+    metrics_port: int = 8001
+    # Ours, beyond the old service's.
+    metrics_host: str = "0.0.0.0"
+    drift_exit_threshold: float | None = None  # None: 0.75 x drift_threshold
+    prediction_concurrency: int = 2
+    heartbeat_seconds: float = 3.0
+    claim_orphan_seconds: float = 2.0
+    model_name: str = "sensor_failure_clustering"
+    migrate_on_start: bool = True
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    @property
+    def drift_exit_level(self) -> float:
+        if self.drift_exit_threshold is not None:
+            return self.drift_exit_threshold
+        return 0.75 * self.drift_threshold
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for asyncpg.connect / create_pool (the password stays out of DSNs)."""
+        return {
+            "host": self.postgres_host,
+            "port": self.postgres_port,
+            "user": self.postgres_user,
+            "password": self.postgres_password.reveal(),
+            "database": self.postgres_db,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as loggable fields, secrets masked."""
+        return {f.name: repr(v) if isinstance(v, Secret) else v
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port, 0-65535")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive, finite number of seconds")
+    return value
+
+
+def _unit_interval(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _non_empty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return lowered
+
+
+def _log_format(raw: str) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in {"auto", "json", "console"}:
+        raise ValueError("must be one of auto, json, console")
+    return lowered
+
+
+# environment variable -> (settings field, parser)
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _non_empty),
+    "POSTGRES_HOST": ("postgres_host", _non_empty),
+    "POSTGRES_PORT": ("postgres_port", _port),
+    "POSTGRES_USER": ("postgres_user", _non_empty),
+    "POSTGRES_DB": ("postgres_db", _non_empty),
+    "PREDICTION_BATCH_SIZE": ("prediction_batch_size", _positive_int),
+    "INFERENCE_INTERVAL_SECONDS": ("inference_interval_seconds", _positive_float),
+    "DRIFT_THRESHOLD": ("drift_threshold", _unit_interval),
+    "DRIFT_DETECTION_WINDOW": ("drift_detection_window", _positive_int),
+    "METRICS_PORT": ("metrics_port", _port),
+    "METRICS_HOST": ("metrics_host", _non_empty),
+    "DRIFT_EXIT_THRESHOLD": ("drift_exit_threshold", _unit_interval),
+    "PREDICTION_CONCURRENCY": ("prediction_concurrency", _positive_int),
+    "HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_float),
+    "CLAIM_ORPHAN_SECONDS": ("claim_orphan_seconds", _positive_float),
+    "MODEL_NAME": ("model_name", _non_empty),
+    "MIGRATE_ON_START": ("migrate_on_start", _boolean),
+    "LOG_LEVEL": ("log_level", _log_level),
+    "LOG_FORMAT": ("log_format", _log_format),
+}
+
+
+def _read_password(environ: Mapping[str, str]) -> Secret | None:
+    path = environ.get("POSTGRES_PASSWORD_FILE")
+    if path:
+        try:
+            # Secret files usually end with a newline that is not part of the password.
+            return Secret(Path(path).read_text(encoding="utf-8").rstrip("\r\n"))
+        except OSError as exc:
+            raise ConfigError(f"POSTGRES_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}") from None
+    if "POSTGRES_PASSWORD" in environ:
+        return Secret(environ["POSTGRES_PASSWORD"])
+    return None
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings; every invalid value is reported at once in one ConfigError."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, (attr, parse) in _VARIABLES.items():
+        raw = env.get(name)
+        if raw is None:
+            continue
+        try:
+            values[attr] = parse(raw)
+        except ValueError as exc:
+            reason = str(exc) if parse not in (int, float) else "not a number"
+            if "invalid literal" in reason or "could not convert" in reason:
+                reason = "not a number"
+            problems.append(f"{name}={raw!r}: {reason}")
+    try:
+        password = _read_password(env)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        password = None
+    if password is not None:
+        values["postgres_password"] = password
+    if not problems:
+        threshold = values.get("drift_threshold", Settings.drift_threshold)
+        exit_level = values.get("drift_exit_threshold")
+        if exit_level is not None and exit_level > threshold:
+            problems.append(
+                f"DRIFT_EXIT_THRESHOLD={exit_level} must not exceed DRIFT_THRESHOLD={threshold}"
+            )
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return Settings(**values)
