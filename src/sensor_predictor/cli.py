@@ -1,0 +1,148 @@
+"""The `sensor-predictor` command: migrate, run, train, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from sensor_predictor.config import ConfigError, Settings, load_settings
+from sensor_predictor.logging_setup import configure_logging
+
+log = structlog.get_logger("sensor_predictor.cli")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sensor-predictor",
+        description="Scores every sensor reading written to PostgreSQL with the active MLflow "
+                    "model, exactly once. Settings come from the environment (see README).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("migrate", help="apply pending database migrations and exit")
+
+    run = sub.add_parser("run", help="run the worker until SIGTERM / SIGINT")
+    run.add_argument("--no-migrate", action="store_true",
+                     help="do not apply migrations at start (MIGRATE_ON_START=false does the same)")
+
+    train = sub.add_parser("train", help="fit StandardScaler + KMeans, log it to MLflow")
+    train.add_argument("--clusters", type=_positive_int, default=4, help="KMeans clusters (4)")
+    train.add_argument("--readings", type=_positive_int, default=50_000,
+                       help="train on at most this many of the latest readings (50000)")
+    train.add_argument("--min-readings", type=_positive_int, default=1_000,
+                       help="below this many usable readings, train on generated ones (1000)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--activate", action="store_true",
+                       help="make it the active model (a clusters row) once logged")
+
+    sim = sub.add_parser("simulate", help="write simulated readings like the old simulator")
+    sim.add_argument("--machines", type=_positive_int, default=10)
+    sim.add_argument("--rate", type=_positive_float, default=20.0, help="readings per second")
+    sim.add_argument("--duration", type=_positive_float, default=None, help="seconds (forever)")
+    sim.add_argument("--count", type=_positive_int, default=None, help="readings, then stop")
+    sim.add_argument("--drift", action="store_true", help="shift the distribution")
+    sim.add_argument("--seed", type=int, default=None)
+    sim.add_argument("--rows-per-statement", type=_positive_int, default=100)
+
+    demo = sub.add_parser("demo", help="everything at once on a local or throwaway PostgreSQL")
+    demo.add_argument("--duration", type=_positive_float, default=60.0, help="seconds (60)")
+    demo.add_argument("--rate", type=_positive_float, default=500.0, help="readings/s (500)")
+    demo.add_argument("--workdir", default=".demo", help="MLflow store and logs (.demo)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+async def _migrate(settings: Settings) -> int:
+    from sensor_predictor import db
+    from sensor_predictor.migrate import migrate
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print(f"applied={len(applied)}")
+    return 0
+
+
+async def _run(settings: Settings) -> int:
+    from sensor_predictor.worker import Worker
+
+    return await Worker(settings).run()
+
+
+async def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from sensor_predictor.training import train
+
+    result = await train(settings, clusters=args.clusters, readings=args.readings,
+                         min_readings=args.min_readings, activate=args.activate, seed=args.seed)
+    print(f"run_id={result.run_id} version={result.version}", flush=True)
+    return 0
+
+
+async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from sensor_predictor.simulator import run_simulation
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    written = await run_simulation(
+        settings, machines=args.machines, rate=args.rate, duration=args.duration,
+        count=args.count, drift=args.drift, rows_per_statement=args.rows_per_statement,
+        seed=args.seed, stop=stop)
+    print(f"written={written}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"sensor-predictor: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "run" and args.no_migrate:
+        settings = dataclasses.replace(settings, migrate_on_start=False)
+    try:
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "run":
+            return asyncio.run(_run(settings))
+        if args.command == "train":
+            return asyncio.run(_train(settings, args))
+        if args.command == "simulate":
+            return asyncio.run(_simulate(settings, args))
+        if args.command == "demo":
+            from sensor_predictor.demo import run_demo
+
+            return run_demo(args)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The database edge: named queries from sql/queries.sql, connections, and bulk writes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from sensor_predictor.config import Settings
+
+_NAME = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
+
+# Errors that mean "the database is not reachable right now": back off and try again.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+)
+
+PREDICTION_COLUMNS = (
+    "reading_id", "cluster_id", "confidence_score", "model_version", "mlflow_run_id", "model_name",
+)
+ERROR_COLUMNS = ("reading_id", "reason", "detail", "model_version")
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Every named query of sql/queries.sql, by name."""
+    text = (resources.files("sensor_predictor") / "sql" / "queries.sql").read_text("utf-8")
+    parts = _NAME.split(text)
+    named: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
+        named[name] = "\n".join(lines).strip().rstrip(";")
+    return named
+
+
+def sql_literal(text: str) -> str:
+    """A PostgreSQL string literal (standard_conforming_strings is on since PostgreSQL 9.1)."""
+    if "\x00" in text:
+        raise ValueError("a feature name cannot contain a NUL character")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def read_range_query(feature_names: Sequence[str]) -> str:
+    """The batch read for one model: its features, in its order, extracted by PostgreSQL."""
+    q = queries()
+    features = ", ".join(q["feature_expression"].replace("{key}", sql_literal(name))
+                         for name in feature_names)
+    return q["read_range"].replace("{features}", features)
+
+
+async def connect(settings: Settings, **kwargs: Any) -> asyncpg.Connection:
+    return await asyncpg.connect(**settings.connect_kwargs(), **kwargs)
+
+
+async def create_pool(settings: Settings, size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        **settings.connect_kwargs(), min_size=1, max_size=size,
+        # A server that went away must not hang a batch forever.
+        command_timeout=60,
+        server_settings={"application_name": "sensor-predictor"},
+    )
+
+
+async def write_results(
+    conn: asyncpg.Connection,
+    predictions: Sequence[tuple[Any, ...]],
+    errors: Sequence[tuple[Any, ...]],
+) -> None:
+    """Bulk-write one batch's predictions and bad-reading records (COPY, one round trip each)."""
+    if predictions:
+        await conn.copy_records_to_table(
+            "predictions", records=predictions, columns=PREDICTION_COLUMNS)
+    if errors:
+        await conn.copy_records_to_table("reading_errors", records=errors, columns=ERROR_COLUMNS)

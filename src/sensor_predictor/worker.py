@@ -1,0 +1,293 @@
+"""The worker: wake-ups in, batches out, until SIGTERM; its lifecycle and its drain loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import structlog
+
+from sensor_predictor import db
+from sensor_predictor.config import Settings
+from sensor_predictor.drift_monitor import DriftMonitor
+from sensor_predictor.listener import Listener
+from sensor_predictor.metrics import Metrics, MetricsServer
+from sensor_predictor.migrate import migrate
+from sensor_predictor.model_holder import LoadedModel, ModelHolder, configure_mlflow
+from sensor_predictor.scoring import (
+    BatchResult,
+    Claim,
+    claim_next,
+    find_orphan,
+    score_claim,
+    waiting_behind_horizon,
+)
+
+log = structlog.get_logger("sensor_predictor.worker")
+
+BACKLOG_REFRESH_SECONDS = 5.0
+ORPHAN_CHECK_SECONDS = 1.0
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = ModelHolder(settings.model_name, on_failure=self._model_failed)
+        self.drift = DriftMonitor(settings, self.metrics)
+        self.pool: asyncpg.Pool | None = None
+        self.listener = Listener(settings, on_readings=self._notified_readings,
+                                 on_model=self._notified_model, on_connected=self._listening,
+                                 on_lost=self._listen_lost)
+        self.metrics_server = MetricsServer(self.metrics, self.readiness)
+        self._wake = asyncio.Event()
+        self._wake_cause = "startup"
+        self._model_event = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._next_orphan_check = 0.0
+        self.metrics.drift_threshold.set({}, settings.drift_threshold)
+
+    # -- signals from the outside ----------------------------------------------------------
+
+    def stop(self) -> None:
+        if not self._stopping.is_set():
+            log.info("shutdown_requested")
+            self._stopping.set()
+            self._wake.set()
+
+    def wake(self, cause: str) -> None:
+        if not self._wake.is_set():
+            self._wake_cause = cause
+        self._wake.set()
+
+    def _notified_readings(self) -> None:
+        self.wake("notification")
+
+    def _notified_model(self) -> None:
+        self._model_event.set()
+
+    def _listening(self, first: bool) -> None:
+        if not first:
+            self.metrics.db_reconnects.inc({"connection": "listener"})
+        # Whatever was notified while nobody listened: look now, and re-check the model.
+        self._model_event.set()
+        self.wake("startup" if first else "reconnect")
+        self._update_ready()
+
+    def _listen_lost(self) -> None:
+        self._update_ready()
+
+    def _model_failed(self, reason: str) -> None:
+        self.metrics.model_load_failures.inc({"reason": reason})
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        model = self.holder.current
+        detail = {
+            "listening": self.listener.listening,
+            "pool": self.pool is not None,
+            "model_version": model.version if model else None,
+            "stopping": self._stopping.is_set(),
+        }
+        ready = (self.listener.listening and self.pool is not None and model is not None
+                 and not self._stopping.is_set())
+        return ready, detail
+
+    def _update_ready(self) -> None:
+        self.metrics.ready.set({}, 1 if self.readiness()[0] else 0)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        log.info("worker_starting", worker=self.name, **self.settings.describe())
+        configure_mlflow(self.settings.mlflow_tracking_uri)
+        try:
+            await self.metrics_server.start(self.settings.metrics_host, self.settings.metrics_port)
+            log.info("metrics_serving", host=self.settings.metrics_host,
+                     port=self.metrics_server.port)
+            if not await self._connect():
+                return 0
+            self._tasks = [
+                asyncio.create_task(self.listener.run(), name="listener"),
+                asyncio.create_task(self._watch_model(), name="model"),
+                asyncio.create_task(self._poll(), name="poll"),
+                asyncio.create_task(self._watch_backlog(), name="backlog"),
+            ]
+            await self._drain_forever()
+        finally:
+            await self._shutdown()
+        return 0
+
+    async def _connect(self) -> bool:
+        """Migrate (unless told not to) and open the pool, retrying while the database is down."""
+        backoff = 0.2
+        while not self._stopping.is_set():
+            try:
+                if self.settings.migrate_on_start:
+                    conn = await db.connect(self.settings, timeout=10)
+                    try:
+                        await migrate(conn)
+                    finally:
+                        await conn.close()
+                self.pool = await db.create_pool(
+                    self.settings, size=self.settings.prediction_concurrency + 2)
+                return True
+            except db.UNAVAILABLE as exc:
+                log.warning("database_unavailable", error=str(exc) or type(exc).__name__,
+                            retry_in_s=backoff)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+                backoff = min(backoff * 2, 5.0)
+        return False
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.drift.flush()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.close(), timeout=5)
+            self.pool = None
+        await self.metrics_server.stop()
+        log.info("worker_stopped", worker=self.name)
+
+    # -- background tasks -------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        """The fallback: every INFERENCE_INTERVAL_SECONDS, look for readings and a new model."""
+        while True:
+            await asyncio.sleep(self.settings.inference_interval_seconds)
+            self._model_event.set()
+            self.wake("poll")
+
+    async def _watch_model(self) -> None:
+        assert self.pool is not None
+        while True:
+            timeout = None
+            if self.holder.retry_at is not None:
+                timeout = max(0.0, self.holder.retry_at - time.monotonic())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._model_event.wait(), timeout=timeout)
+            self._model_event.clear()
+            try:
+                swapped = await self.holder.refresh(self.pool)
+            except db.UNAVAILABLE as exc:
+                log.warning("model_check_failed", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(0.5)
+                self._model_event.set()
+                continue
+            if swapped:
+                await self._model_changed(self.holder.current)
+
+    async def _model_changed(self, model: LoadedModel | None) -> None:
+        assert self.pool is not None
+        self.metrics.set_model(model)
+        if model is not None:
+            await self.drift.start_model(model, self.pool)
+            self.wake("model")
+        self._update_ready()
+
+    async def _watch_backlog(self) -> None:
+        assert self.pool is not None
+        while True:
+            try:
+                backlog = await self.pool.fetchval(db.queries()["backlog"])
+                self.metrics.backlog.set({}, int(backlog))
+            except db.UNAVAILABLE:
+                pass
+            await asyncio.sleep(BACKLOG_REFRESH_SECONDS)
+
+    # -- the drain loop ---------------------------------------------------------------------
+
+    async def _drain_forever(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            await self._wake.wait()
+            if self._stopping.is_set():
+                break
+            self._wake.clear()
+            self.metrics.wakeups.inc({"cause": self._wake_cause})
+            lanes = [self._lane() for _ in range(self.settings.prediction_concurrency)]
+            outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+            failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failure is None:
+                backoff = 0.1
+                continue
+            if isinstance(failure, db.UNAVAILABLE):
+                self.metrics.db_reconnects.inc({"connection": "pool"})
+                log.warning("database_unavailable", error=str(failure) or type(failure).__name__,
+                            retry_in_s=backoff)
+            else:
+                log.error("batch_failed", error=f"{type(failure).__name__}: {failure}",
+                          retry_in_s=backoff, exc_info=failure)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+            backoff = min(backoff * 2, 5.0)
+            self.wake("retry")
+
+    async def _lane(self) -> None:
+        """Claim and score batches until none is left (or shutdown); one of several in parallel."""
+        assert self.pool is not None
+        blocked_wait = 0.001
+        while not self._stopping.is_set():
+            model = self.holder.current
+            if model is None:
+                return  # no model yet: readings wait, nothing is claimed
+            async with self.pool.acquire() as conn:
+                claim = await self._next_claim(conn)
+                if claim is None:
+                    if not await waiting_behind_horizon(conn):
+                        return
+                    # Committed readings sit behind a transaction that is still running; it
+                    # will end soon (or this pass's other lanes will take them).
+                    await asyncio.sleep(blocked_wait)
+                    blocked_wait = min(blocked_wait * 2, 0.05)
+                    continue
+                blocked_wait = 0.001
+                result = await score_claim(conn, claim, model)
+            if result is not None:
+                self._record(result)
+
+    async def _next_claim(self, conn: asyncpg.Connection) -> Claim | None:
+        now = time.monotonic()
+        if now >= self._next_orphan_check:
+            self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
+            orphan = await find_orphan(conn, self.settings.claim_orphan_seconds)
+            if orphan is not None:
+                log.warning("orphan_claim_recovered", claim=orphan.claim_id,
+                            from_id=orphan.from_id, to_id=orphan.to_id)
+                self._next_orphan_check = now  # there may be more
+                return orphan
+        return await claim_next(conn, self.name, self.settings.prediction_batch_size)
+
+    def _record(self, result: BatchResult) -> None:
+        model = result.model
+        m = self.metrics
+        m.count_batch(result.labels, model.n_clusters)
+        m.latency.observe_many({}, result.latencies)
+        m.batch_size.observe({}, result.size)
+        m.batch_duration.observe({}, result.duration)
+        if result.bad:
+            m.count_bad(b.reason for b in result.bad)
+            for bad in result.bad:
+                log.warning("bad_reading", reading_id=bad.reading_id, reason=bad.reason,
+                            detail=bad.detail)
+        self.drift.observe(model, result.labels)
+        log.debug("batch_scored", rows=result.size, bad=len(result.bad),
+                  model_version=model.version, ms=round(result.duration * 1000, 2),
+                  slow_path=result.slow_path)

@@ -1,0 +1,28 @@
+"""Models the trainer would never log: for tests of what the worker refuses."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def log_model_with_features(tracking_uri: str, feature_names: list[str]) -> tuple[str, int]:
+    """A valid scaler + KMeans pipeline whose feature names no reading carries."""
+    import mlflow
+    import sklearn
+    from sklearn.cluster import KMeans
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("sensor-predictor tests")
+    rng = np.random.default_rng(0)
+    pipeline = Pipeline([("scaler", StandardScaler()),
+                         ("kmeans", KMeans(n_clusters=3, n_init=2, random_state=0))])
+    pipeline.fit(rng.normal(size=(300, len(feature_names))))
+    with mlflow.start_run() as run:
+        info = mlflow.sklearn.log_model(
+            pipeline, name="model", registered_model_name="sensor_predictor_test_wrong_features",
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+            metadata={"feature_names": feature_names,
+                      "training_cluster_proportions": [1 / 3] * 3, "n_clusters": 3})
+    return run.info.run_id, int(info.registered_model_version)
