@@ -116,9 +116,8 @@ def _settings_for(env: dict[str, str]) -> Settings:
 
 def _log_models(pg_server: PgServer, store: MlflowStore) -> Models:
     """Train through the product's own trainer (generated readings: the scratch DB is empty)."""
-    from sensor_predictor.training import train
-
     from sensor_predictor.migrate import migrate
+    from sensor_predictor.training import train
     from tests.model_factory import log_model_with_features
 
     scratch = f"sp_models_{RUN_TAG}"
@@ -132,8 +131,9 @@ def _log_models(pg_server: PgServer, store: MlflowStore) -> Models:
         await c.close()
         settings = _settings_for({**pg_server.env(scratch), **mlflow_env(store.uri)})
         try:
-            one = await train(settings, clusters=4, activate=False, seed=1)
-            two = await train(settings, clusters=3, activate=False, seed=2)
+            # Generated readings (the scratch database is empty); 5,000 keep the fit quick.
+            one = await train(settings, clusters=4, readings=5_000, activate=False, seed=1)
+            two = await train(settings, clusters=3, readings=5_000, activate=False, seed=2)
         finally:
             await drop_database(pg_server, scratch)
         bad = await asyncio.to_thread(

@@ -102,13 +102,23 @@ def pg_ctl(server: PgServer, action: str) -> None:
 
 
 def find_or_start_postgres() -> PgServer:
-    """PGHOST/PGPORT when set; else 127.0.0.1:5432 when it answers; else a throwaway cluster."""
+    """PGHOST/PGPORT when set; else 127.0.0.1:5432 when we can log in; else a throwaway cluster."""
     if os.environ.get("PGHOST"):
         return PgServer(os.environ["PGHOST"], int(os.environ.get("PGPORT", "5432")),
                         os.environ.get("PGUSER", "postgres"), os.environ.get("PGPASSWORD", ""))
-    if port_answers("127.0.0.1", 5432):
-        return PgServer("127.0.0.1", 5432, "postgres")
+    local = PgServer("127.0.0.1", 5432, "postgres")
+    if port_answers(local.host, local.port) and asyncio.run(_can_log_in(local)):
+        return local
     return start_throwaway_cluster()
+
+
+async def _can_log_in(server: PgServer) -> bool:
+    try:
+        conn = await asyncio.wait_for(server.connect(), timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
 
 
 async def drop_database(server: PgServer, name: str) -> None:
@@ -213,17 +223,30 @@ class WorkerProcess:
             return None
         return json.loads(body) if status in (200, 503) else None
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def _state_if(self, key: str) -> dict[str, Any] | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.logs()}")
+        state = self.ready()
+        return state if state and state.get(key) else None
+
+    def wait_ready(self, timeout: float = 90, key: str = "ready") -> dict[str, Any]:
+        """Block until /ready reports `key` true ("ready", or "listening" with no model yet)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.logs()}")
-            state = self.ready()
-            if state and state.get("ready"):
-                return
+            if state := self._state_if(key):
+                return state
             time.sleep(0.1)
-        raise AssertionError(f"worker not ready after {timeout} s:\n{self.logs()[-4000:]}")
+        raise AssertionError(f"worker not {key} after {timeout} s:\n{self.logs()[-4000:]}")
+
+    async def until_ready(self, within: float = 90, key: str = "ready") -> dict[str, Any]:
+        """wait_ready for async tests: the event loop (writers, listeners) keeps running."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if state := await asyncio.to_thread(self._state_if, key):
+                return state
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"worker not {key} after {within} s:\n{self.logs()[-4000:]}")
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -174,7 +174,8 @@ def _read_password(environ: Mapping[str, str]) -> Secret | None:
             # Secret files usually end with a newline that is not part of the password.
             return Secret(Path(path).read_text(encoding="utf-8").rstrip("\r\n"))
         except OSError as exc:
-            raise ConfigError(f"POSTGRES_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}") from None
+            raise ConfigError(
+                f"POSTGRES_PASSWORD_FILE={path!r} cannot be read: {exc.strerror}") from None
     if "POSTGRES_PASSWORD" in environ:
         return Secret(environ["POSTGRES_PASSWORD"])
     return None

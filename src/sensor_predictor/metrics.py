@@ -14,6 +14,12 @@ from aioprometheus import histogram
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
+from sensor_predictor.features import REASONS as BAD_READING_REASONS
+
+WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
+MODEL_LOAD_FAILURE_REASONS = ("mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
+                              "feature_mismatch", "cluster_mismatch", "probe_failed")
+
 # Per-reading latency, insert to prediction commit: 1 ms .. 60 s.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -106,7 +112,17 @@ class Metrics:
         self.drift_score.set({}, math.nan)
         self.drift_window_fill.set({}, 0)
         self.backlog.set({}, 0)
-        self.predictions.set({}, 0)
+        # Every known series starts at 0, so rate() and increase() see the first event too.
+        for counter in (self.predictions, self.model_swaps, self.drift_events):
+            counter.set({}, 0)
+        for reason in BAD_READING_REASONS:
+            self.bad_readings.set({"reason": reason}, 0)
+        for reason in MODEL_LOAD_FAILURE_REASONS:
+            self.model_load_failures.set({"reason": reason}, 0)
+        for cause in WAKEUP_CAUSES:
+            self.wakeups.set({"cause": cause}, 0)
+        for connection in ("listener", "pool"):
+            self.db_reconnects.set({"connection": connection}, 0)
 
     def exported_names(self) -> set[str]:
         """Every series name a scrape can show (histograms as _bucket, _sum and _count)."""

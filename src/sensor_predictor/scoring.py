@@ -38,7 +38,7 @@ class BatchResult:
     model: LoadedModel
     labels: npt.NDArray[np.int64]
     bad: list[BadReading]
-    latencies: npt.NDArray[np.float64]  # seconds, insert to commit, one per reading
+    latencies: npt.NDArray[np.float64]  # seconds, insert to commit, one per prediction
     duration: float  # seconds, read to commit
     slow_path: bool
 
@@ -63,7 +63,7 @@ async def waiting_behind_horizon(conn: asyncpg.Connection) -> bool:
 
 async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
                 ) -> tuple[list[int], features.Matrix, list[BadReading], list[float], bool]:
-    """Reading ids to predict, their feature matrix, bad readings, ages in seconds, slow path."""
+    """Ids to predict, their features and ages (seconds since insert), bad readings, slow path."""
     names = model.feature_names
     try:
         rows = await conn.fetch(model.read_query, *claim.bounds)
@@ -73,8 +73,7 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
         raw_rows = await conn.fetch(db.queries()["read_range_raw"], *claim.bounds)
         ages_by_id = {r["id"]: r["age_seconds"] for r in raw_rows}
         ids, matrix, bad = features.parse_raw([(r["id"], r["raw"]) for r in raw_rows], names)
-        return ids, matrix, bad, [ages_by_id[i] for i in ids] + [
-            ages_by_id[b.reading_id] for b in bad], True
+        return ids, matrix, bad, [ages_by_id[i] for i in ids], True
     all_ids = [r["id"] for r in rows]
     matrix = features.to_matrix([r["features"] for r in rows], len(names))
     ages = [r["age_seconds"] for r in rows]
@@ -88,10 +87,9 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
         problem = features.classify(reading_id, raw.get(reading_id), names)
         bad.append(problem or BadReading(
             reading_id, features.NOT_A_NUMBER, "a feature value could not be read as a number"))
-    good_idx = np.flatnonzero(ok)
-    ages_ordered = [ages[i] for i in good_idx.tolist()] + [
-        a for a, good in zip(ages, ok.tolist(), strict=True) if not good]
-    return [all_ids[i] for i in good_idx.tolist()], matrix[good_idx], bad, ages_ordered, False
+    good_idx = np.flatnonzero(ok).tolist()
+    return ([all_ids[i] for i in good_idx], matrix[good_idx], bad, [ages[i] for i in good_idx],
+            False)
 
 
 async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel

@@ -50,7 +50,6 @@ class Worker:
                                  on_lost=self._listen_lost)
         self.metrics_server = MetricsServer(self.metrics, self.readiness)
         self._wake = asyncio.Event()
-        self._wake_cause = "startup"
         self._model_event = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -66,8 +65,8 @@ class Worker:
             self._wake.set()
 
     def wake(self, cause: str) -> None:
-        if not self._wake.is_set():
-            self._wake_cause = cause
+        # Counted as they arrive; the drain loop coalesces them into one pass.
+        self.metrics.wakeups.inc({"cause": cause})
         self._wake.set()
 
     def _notified_readings(self) -> None:
@@ -107,10 +106,12 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Serve until stop() (SIGTERM / SIGINT by default); returns the exit code."""
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
         log.info("worker_starting", worker=self.name, **self.settings.describe())
         configure_mlflow(self.settings.mlflow_tracking_uri)
         try:
@@ -221,7 +222,6 @@ class Worker:
             if self._stopping.is_set():
                 break
             self._wake.clear()
-            self.metrics.wakeups.inc({"cause": self._wake_cause})
             lanes = [self._lane() for _ in range(self.settings.prediction_concurrency)]
             outcomes = await asyncio.gather(*lanes, return_exceptions=True)
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)

@@ -35,7 +35,7 @@ async def test_notification_scores_within_milliseconds(
     run_id, version = models.v1
     await activate(conn, run_id, version)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="30").start()
-    worker.wait_ready()
+    await worker.until_ready()
 
     started = time.monotonic()
     ids = await insert_readings(conn, [reading(i) for i in range(10)])
@@ -61,7 +61,7 @@ async def test_poll_catches_what_no_notification_announced(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="1").start()
-    worker.wait_ready()
+    await worker.until_ready()
     # A writer whose notification never arrives (here: the trigger is off).
     await conn.execute("ALTER TABLE readings DISABLE TRIGGER readings_notify")
     await insert_readings(conn, [reading(i) for i in range(5)])
@@ -73,15 +73,15 @@ async def test_poll_catches_what_no_notification_announced(
 async def test_readings_wait_for_a_model_then_score_on_activation(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     worker = worker_factory().start()
+    state = await worker.until_ready(key="listening")
+    assert state["ready"] is False and state["model_version"] is None
     await insert_readings(conn, [reading(i) for i in range(20)])
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(1.0)
     assert await _predicted(conn) == 0
-    state = worker.ready()
-    assert state is not None and state["ready"] is False and state["model_version"] is None
 
     await activate(conn, *models.v1)
     assert await wait_for(lambda: _all_scored(conn), timeout=20)
-    worker.wait_ready(5)
+    await worker.until_ready(5)
     assert (await tally(conn)).exactly_once
 
 
@@ -90,7 +90,7 @@ async def test_out_of_order_commits_lose_nothing(
         worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     worker = worker_factory().start()
-    worker.wait_ready()
+    await worker.until_ready()
     machine = await conn.fetchval("INSERT INTO machines (machine_id) VALUES ('m') RETURNING id")
     insert = 'INSERT INTO readings ("values", machine_id) VALUES ($1::jsonb, $2) RETURNING id'
     a, b, c = [await database.connect() for _ in range(3)]
@@ -137,6 +137,8 @@ async def _stream(database: Database, stop: asyncio.Event, rows_per_statement: i
     return written
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
         database: Database, conn: asyncpg.Connection, models: Models,
         worker_factory: WorkerFactory) -> None:
@@ -147,14 +149,14 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     rnd = random.Random(7)
     for _ in range(3):
         worker = worker_factory(**env).start()
-        worker.wait_ready()
+        await worker.until_ready()
         await asyncio.sleep(rnd.uniform(0.2, 1.0))
         worker.signal(signal.SIGKILL)
         worker.wait()
     stop.set()
     written = await writer
     final = worker_factory(**env).start()
-    final.wait_ready()
+    await final.until_ready()
     assert await wait_for(lambda: _all_scored(conn), timeout=30)
     t = await tally(conn)
     assert t.readings == written
@@ -162,12 +164,13 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     assert await conn.fetchval("SELECT count(*) FROM scoring_claims") == 0
 
 
+@pytest.mark.timeout(300)
 async def test_two_workers_share_the_stream_without_doubles(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     workers = [worker_factory(PREDICTION_BATCH_SIZE="100").start() for _ in range(2)]
     for w in workers:
-        w.wait_ready()
+        await w.until_ready()
     for chunk in range(10):
         await insert_readings(conn, [reading(chunk * 1000 + i) for i in range(1000)])
     assert await wait_for(lambda: _all_scored(conn), timeout=30)
@@ -183,7 +186,7 @@ async def test_hot_swap_mid_stream_by_plain_sql(
         worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     worker = worker_factory().start()
-    worker.wait_ready()
+    await worker.until_ready()
     stop = asyncio.Event()
     writer = asyncio.create_task(_stream(database, stop))
     await asyncio.sleep(1.0)
@@ -203,7 +206,7 @@ async def test_hot_swap_mid_stream_by_plain_sql(
     # Readings written well after the swap are all scored by the new model.
     late_v1 = await conn.fetchval(
         "SELECT count(*) FROM predictions p JOIN readings r ON r.id = p.reading_id"
-        " WHERE p.model_version = $1 AND r.inserted_at > $2 + interval '1 second'",
+        " WHERE p.model_version = $1 AND r.inserted_at > $2::timestamptz + interval '1 second'",
         v1, swapped_at)
     assert late_v1 == 0
     # The new model has 3 clusters: its predictions use its numbering.
@@ -218,7 +221,7 @@ async def test_failed_swaps_keep_the_old_model_serving(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     worker = worker_factory().start()
-    worker.wait_ready()
+    await worker.until_ready()
     await insert_readings(conn, [reading(i) for i in range(10)])
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
 
@@ -278,7 +281,7 @@ async def test_bad_readings_are_recorded_and_the_rest_scored(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     worker = worker_factory().start()
-    worker.wait_ready()
+    await worker.until_ready()
     good = [reading(100), reading(101, extra_key="ignored")]
     payload: list[object] = [good[0], *[b[1] for b in BAD_READINGS], good[1]]
     ids = await insert_readings(conn, payload)  # type: ignore[arg-type]
@@ -306,7 +309,7 @@ async def test_sigterm_commits_in_flight_work_and_exits_zero(
         worker_factory: WorkerFactory) -> None:
     await activate(conn, *models.v1)
     worker = worker_factory(PREDICTION_BATCH_SIZE="500").start()
-    worker.wait_ready()
+    await worker.until_ready()
     for chunk in range(20):
         await insert_readings(conn, [reading(chunk * 1000 + i) for i in range(1000)])
     await wait_for(lambda: _predicted(conn), timeout=10, interval=0.01)
@@ -327,7 +330,7 @@ async def test_a_model_served_by_an_mlflow_server_over_http(
         worker_factory: WorkerFactory) -> None:
     await activate(conn, *served_models.v1)
     worker = worker_factory(MLFLOW_TRACKING_URI=served_models.store.uri).start()
-    worker.wait_ready()
+    await worker.until_ready()
     await insert_readings(conn, [reading(i) for i in range(10)])
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
     assert await conn.fetchval(
