@@ -148,14 +148,14 @@ def start_mlflow_server(root: Path, port: int | None = None) -> MlflowStore:
     """A real `mlflow server` process serving artifacts, like the compose service."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - lives as long as the process
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(root / "server.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     store = MlflowStore(f"http://127.0.0.1:{port}", root, proc)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

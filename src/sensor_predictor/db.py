@@ -61,7 +61,7 @@ async def create_pool(settings: Settings, size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         **settings.connect_kwargs(), min_size=1, max_size=size,
         # A server that went away must not hang a batch forever.
-        command_timeout=60,
+        command_timeout=30,
         server_settings={"application_name": "sensor-predictor"},
     )
 

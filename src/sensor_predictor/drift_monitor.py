@@ -46,7 +46,12 @@ class DriftMonitor:
 
     async def start_model(self, model: LoadedModel, pool: asyncpg.Pool) -> None:
         # A restart in the middle of an excursion resumes it instead of reporting it again.
-        open_row = await pool.fetchval(db.queries()["open_drift_excursion"], model.version)
+        try:
+            open_row = await pool.fetchval(db.queries()["open_drift_excursion"], model.version)
+        except db.UNAVAILABLE as exc:
+            # Tracking starts regardless; the unique index still keeps the excursion one row.
+            log.warning("drift_resume_unknown", error=str(exc) or type(exc).__name__)
+            open_row = None
         self._tracker = DriftTracker(
             n_clusters=model.n_clusters,
             window=self._settings.drift_detection_window,

@@ -34,6 +34,9 @@ log = structlog.get_logger("sensor_predictor.worker")
 
 BACKLOG_REFRESH_SECONDS = 5.0
 ORPHAN_CHECK_SECONDS = 1.0
+# Readings held back by a running transaction are re-checked at most this far apart: soon
+# enough for a writer's transaction, gentle enough for an idle-in-transaction session.
+BLOCKED_WAIT_MAX_SECONDS = 0.2
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
@@ -186,14 +189,12 @@ class Worker:
                 await asyncio.wait_for(self._model_event.wait(), timeout=timeout)
             self._model_event.clear()
             try:
-                swapped = await self.holder.refresh(self.pool)
+                if await self.holder.refresh(self.pool):
+                    await self._model_changed(self.holder.current)
             except db.UNAVAILABLE as exc:
                 log.warning("model_check_failed", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(0.5)
                 self._model_event.set()
-                continue
-            if swapped:
-                await self._model_changed(self.holder.current)
 
     async def _model_changed(self, model: LoadedModel | None) -> None:
         assert self.pool is not None
@@ -256,7 +257,7 @@ class Worker:
                     # Committed readings sit behind a transaction that is still running; it
                     # will end soon (or this pass's other lanes will take them).
                     await asyncio.sleep(blocked_wait)
-                    blocked_wait = min(blocked_wait * 2, 0.05)
+                    blocked_wait = min(blocked_wait * 2, BLOCKED_WAIT_MAX_SECONDS)
                     continue
                 blocked_wait = 0.001
                 result = await score_claim(conn, claim, model)

@@ -145,7 +145,8 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     await activate(conn, *models.v1)
     env = {"PREDICTION_BATCH_SIZE": "50", "CLAIM_ORPHAN_SECONDS": "0.5"}
     stop = asyncio.Event()
-    writer = asyncio.create_task(_stream(database, stop))
+    # About 400 readings/s: enough that every kill lands mid-stream, little enough to drain fast.
+    writer = asyncio.create_task(_stream(database, stop, pause=0.05))
     rnd = random.Random(7)
     for _ in range(3):
         worker = worker_factory(**env).start()
@@ -157,7 +158,14 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
     written = await writer
     final = worker_factory(**env).start()
     await final.until_ready()
-    assert await wait_for(lambda: _all_scored(conn), timeout=30)
+    if not await wait_for(lambda: _all_scored(conn), timeout=60):
+        claims = await conn.fetch("SELECT * FROM scoring_claims")
+        cursor = await conn.fetchrow("SELECT * FROM scoring_cursor")
+        missing = await conn.fetch(
+            "SELECT id, txid FROM readings r WHERE NOT EXISTS (SELECT 1 FROM predictions p"
+            " WHERE p.reading_id = r.id) ORDER BY txid, id LIMIT 5")
+        raise AssertionError(f"{await tally(conn)} claims={claims} cursor={cursor} "
+                             f"missing={missing}\n{final.logs()[-3000:]}")
     t = await tally(conn)
     assert t.readings == written
     assert t.exactly_once, t
