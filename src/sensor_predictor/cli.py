@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=_positive_float, default=60.0, help="seconds (60)")
     demo.add_argument("--rate", type=_positive_float, default=500.0, help="readings/s (500)")
     demo.add_argument("--workdir", default=".demo", help="MLflow store and logs (.demo)")
+    demo.add_argument("--postgres", choices=("auto", "env", "binaries", "embedded"),
+                      default=None,
+                      help="the server POSTGRES_* names (env), a throwaway cluster from the "
+                           "PostgreSQL binaries, or the embedded pgserver; auto (default) tries "
+                           "them in that order. DEMO_POSTGRES does the same")
     return parser
 
 

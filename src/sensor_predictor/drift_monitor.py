@@ -52,6 +52,11 @@ class DriftMonitor:
             # Tracking starts regardless; the unique index still keeps the excursion one row.
             log.warning("drift_resume_unknown", error=str(exc) or type(exc).__name__)
             open_row = None
+        # The previous model's excursion, if one is open, ends with that model.
+        try:
+            await pool.execute(db.queries()["close_other_drift_rows"], model.version)
+        except db.UNAVAILABLE as exc:
+            log.warning("drift_rows_not_closed", error=str(exc) or type(exc).__name__)
         self._tracker = DriftTracker(
             n_clusters=model.n_clusters,
             window=self._settings.drift_detection_window,

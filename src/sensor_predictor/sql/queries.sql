@@ -93,3 +93,7 @@ UPDATE drift
 -- name: close_drift_row
 UPDATE drift SET ended_at = now(), peak_score = GREATEST(peak_score, $2)
  WHERE model_version = $1 AND ended_at IS NULL;
+
+-- name: close_other_drift_rows
+-- A swap ends the previous model's open excursion: its clusters are not ours to judge.
+UPDATE drift SET ended_at = now() WHERE ended_at IS NULL AND model_version <> $1;

@@ -1,0 +1,280 @@
+"""`sensor-predictor demo`, end to end, as a user runs it: a subprocess with its own PostgreSQL.
+
+The runs need PostgreSQL binaries (initdb, pg_ctl) for the throwaway cluster; the embedded run
+needs the `embedded` extra (pgserver); the env run uses the suite's PostgreSQL (tests/conftest).
+Nothing is skipped for lack of the binaries: the default path must work where CI runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from sensor_predictor.demo import histogram_quantile
+from tests.support import PgServer, free_port
+
+STATUS_ROW = re.compile(r"^\s+\d+\.\ds\s+\d+\s+\d+\s", re.MULTILINE)
+
+
+def demo_env(**extra: str) -> dict[str, str]:
+    """The test's environment without anything that names a PostgreSQL or forces a mode."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("POSTGRES_") and k != "DEMO_POSTGRES"}
+    env.update({"METRICS_PORT": str(free_port()), "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Under the temp dir, not pytest's tmp_path: as root the demo runs PostgreSQL as the
+    `postgres` account, which must reach the work folder (pytest's base folder is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="sp-demo-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cwd(tmp_path: Path) -> Path:
+    """An empty folder to run the demo in: nothing (./mlruns...) may land there."""
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    return folder
+
+
+def demo_cmd(workdir: Path, duration: float, rate: float = 200) -> list[str]:
+    return [sys.executable, "-m", "sensor_predictor.cli", "demo", "--duration", str(duration),
+            "--rate", str(rate), "--workdir", str(workdir)]
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True,
+                         text=True, check=True).stdout
+    table: dict[int, tuple[int, str]] = {}
+    for line in out.splitlines():
+        pid, ppid, *args = line.split(None, 2)
+        table[int(pid)] = (int(ppid), args[0] if args else "")
+    return table
+
+
+def started_from(workdir: Path) -> set[int]:
+    """Processes whose command line names the work folder, and all their descendants."""
+    table = processes()
+    found = {pid for pid, (_, args) in table.items()
+             if str(workdir) in args and pid != os.getpid()}
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def summary_value(output: str, label: str) -> str:
+    match = re.search(rf"^  {re.escape(label)}\s+(.*)$", output, re.MULTILINE)
+    assert match, f"no {label!r} line in the summary:\n{output}"
+    return match.group(1).strip()
+
+
+def check_full_run(output: str) -> None:
+    """What a run that went to its end must show."""
+    assert re.match(r"OK: each of the [1-9]\d* readings has exactly one prediction or error",
+                    summary_value(output, "exactly-once")), output
+    served = summary_value(output, "models served").split(" -> ")
+    assert len(served) == 2 and len(set(served)) == 2, output
+    per_version = dict(re.findall(r"v(\d+): (\d+)", summary_value(output, "predictions")))
+    assert len(per_version) == 2 and all(int(n) > 0 for n in per_version.values()), output
+    assert int(summary_value(output, "drift events")) >= 1, output
+    assert "drift detected on model" in output
+    assert "mid-stream" in output and "the worker now serves model" in output
+    assert STATUS_ROW.search(output), output
+
+
+# --------------------------------------------------------------------------- fast checks
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    inf = float("inf")
+    buckets = [(0.01, 50.0), (0.02, 90.0), (0.05, 100.0), (inf, 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.015)
+    assert histogram_quantile(0.95, buckets) == pytest.approx(0.035)
+    # Ranks in the +Inf bucket report the largest finite bound; no observations: None.
+    assert histogram_quantile(0.99, [(0.01, 1.0), (inf, 10.0)]) == pytest.approx(0.01)
+    assert histogram_quantile(0.5, [(0.01, 0.0), (inf, 0.0)]) is None
+    assert histogram_quantile(0.5, []) is None
+
+
+def test_unknown_postgres_mode_is_a_usage_error(workdir: Path) -> None:
+    done = subprocess.run(demo_cmd(workdir, 5), env=demo_env(DEMO_POSTGRES="mysql"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "DEMO_POSTGRES='mysql'" in done.stderr
+
+
+def test_env_mode_without_postgres_variables_fails_fast(workdir: Path) -> None:
+    done = subprocess.run(demo_cmd(workdir, 5), env=demo_env(DEMO_POSTGRES="env"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "no POSTGRES_* variable is set" in done.stdout
+    assert not started_from(workdir)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_on_a_throwaway_cluster(workdir: Path, cwd: Path) -> None:
+    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once."""
+    done = subprocess.run(demo_cmd(workdir, 20), env=demo_env(), cwd=cwd, capture_output=True,
+                          text=True, timeout=280)
+    out = done.stdout
+    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    assert "PostgreSQL: throwaway cluster" in out
+    check_full_run(out)
+    assert "stopped and deleted the throwaway PostgreSQL" in out
+    # Logs go to the work folder, not over the progress; nothing is left behind or running.
+    assert done.stderr == ""
+    assert (workdir / "demo.log").stat().st_size > 0
+    assert (workdir / "mlflow.db").is_file()
+    assert any((workdir / "artifacts").rglob("MLmodel"))
+    assert not (workdir / "postgres").exists()
+    assert list(cwd.iterdir()) == []
+    assert not started_from(workdir)
+
+
+@dataclass
+class Running:
+    """A demo subprocess whose stdout is read line by line as it comes."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if pattern.search(line):
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no line matching {pattern.pattern!r}:\n{self.output()}")
+
+    def output(self) -> str:
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=10)
+        return "\n".join(self.lines)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigint_stops_everything_and_summarises(workdir: Path, cwd: Path, tmp_path: Path
+                                                ) -> None:
+    with open(tmp_path / "stderr", "w") as stderr, subprocess.Popen(
+            demo_cmd(workdir, 600), env=demo_env(), cwd=cwd, stdout=subprocess.PIPE,
+            stderr=stderr, text=True) as proc:
+        demo = Running(proc)
+        try:
+            demo.wait_for_line(STATUS_ROW, timeout=240)
+            ours = started_from(workdir)
+            table = processes()
+            postmasters = [pid for pid in ours if f"{workdir}/postgres" in table[pid][1]]
+            assert postmasters, f"no postgres process runs from {workdir}: {table}"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=60)
+            took = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out = demo.output()
+    assert code == 130, out
+    assert took < 30, f"took {took:.1f} s to stop:\n{out}"
+    assert "SIGINT: stopping" in out
+    assert "summary (interrupted)" in out
+    assert summary_value(out, "exactly-once").startswith("OK"), out
+    assert "stopped and deleted the throwaway PostgreSQL" in out
+    assert [pid for pid in ours if alive(pid)] == []
+    assert not started_from(workdir)
+    assert not (workdir / "postgres").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(importlib.util.find_spec("pgserver") is None,
+                    reason="the `embedded` extra (pgserver) is not installed")
+def test_demo_on_the_embedded_server(workdir: Path, cwd: Path) -> None:
+    """DEMO_POSTGRES=embedded: what a machine without PostgreSQL gets (pgserver)."""
+    done = subprocess.run(demo_cmd(workdir, 8), env=demo_env(DEMO_POSTGRES="embedded"),
+                          cwd=cwd, capture_output=True, text=True, timeout=280)
+    out = done.stdout
+    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    assert "embedded PostgreSQL (pgserver)" in out
+    check_full_run(out)
+    assert not (workdir / "pgserver").exists()
+    assert not started_from(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_on_the_server_named_by_the_environment(
+    pg_server: PgServer, workdir: Path, cwd: Path
+) -> None:
+    """POSTGRES_* set and answering: a scratch database there, dropped at the end."""
+    env = demo_env(DEMO_POSTGRES="env", **pg_server.env("postgres"))
+    done = subprocess.run(demo_cmd(workdir, 6), env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=280)
+    out = done.stdout
+    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    match = re.search(r"scratch database '(sensor_demo_[0-9a-f]{8})'", out)
+    assert match, out
+    check_full_run(out)
+    assert f"dropped the scratch database '{match[1]}'" in out
+
+    async def exists() -> bool:
+        conn = await pg_server.connect()
+        try:
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_database WHERE datname = $1", match[1]))
+        finally:
+            await conn.close()
+
+    assert not asyncio.run(exists())
