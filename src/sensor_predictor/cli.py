@@ -1,4 +1,4 @@
-"""The `sensor-predictor` command: migrate, run, train, simulate, demo."""
+"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, demo."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--drift", action="store_true", help="shift the distribution")
     sim.add_argument("--seed", type=int, default=None)
     sim.add_argument("--rows-per-statement", type=_positive_int, default=100)
+
+    rescore = sub.add_parser(
+        "rescore", help="score past readings with a chosen model (explicit; a swap never does)")
+    rescore.add_argument("--run-id", required=True, help="MLflow run holding the model")
+    rescore.add_argument("--version", type=int, default=None,
+                         help="its registered version (the model_version written); "
+                              "without it, run-<run id>")
+    rescore.add_argument("--from-id", type=int, default=0, help="readings with id above this")
+    rescore.add_argument("--to-id", type=int, default=None, help="up to this id (all)")
+    rescore.add_argument("--batch-size", type=_positive_int, default=1000)
 
     demo = sub.add_parser("demo", help="everything at once on a local or throwaway PostgreSQL")
     demo.add_argument("--duration", type=_positive_float, default=60.0, help="seconds (60)")
@@ -104,6 +114,23 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
+    from sensor_predictor.model_holder import ModelLoadError
+    from sensor_predictor.rescore import rescore
+
+    try:
+        result = await rescore(settings, run_id=args.run_id, version=args.version,
+                               from_id=args.from_id, to_id=args.to_id,
+                               batch_size=args.batch_size)
+    except ModelLoadError as exc:
+        print(f"sensor-predictor: {exc}", file=sys.stderr)
+        return 1
+    print(f"model_version={result.model_version} readings={result.readings} "
+          f"predicted={result.predicted} errors={result.errors} last_id={result.last_id}",
+          flush=True)
+    return 0
+
+
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from sensor_predictor.simulator import run_simulation
 
@@ -140,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_train(settings, args))
         if args.command == "simulate":
             return asyncio.run(_simulate(settings, args))
+        if args.command == "rescore":
+            return asyncio.run(_rescore(settings, args))
         if args.command == "demo":
             from sensor_predictor.demo import run_demo
 

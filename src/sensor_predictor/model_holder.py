@@ -89,7 +89,7 @@ class LoadedModel:
         return np.asarray(self.pipeline.predict(matrix), dtype=np.int64), None
 
 
-def _load_and_verify(row: ActiveRow, model_name: str) -> LoadedModel:
+def load_and_verify(row: ActiveRow, model_name: str) -> LoadedModel:
     """Blocking: fetch the run's model from MLflow and check it can serve. Runs in a thread."""
     import mlflow  # imported here: ~2 s on first use, and only the worker's thread pays it
 
@@ -216,7 +216,7 @@ class ModelHolder:
                 return False
             started = time.perf_counter()
             try:
-                model = await asyncio.to_thread(_load_and_verify, row, self.model_name)
+                model = await asyncio.to_thread(load_and_verify, row, self.model_name)
                 await _check_features_in_readings(pool, model.feature_names)
             except ModelLoadError as exc:
                 self._record_failure(row, exc.reason, str(exc))

@@ -14,7 +14,7 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.config import Settings, load_settings
-from sensor_predictor.model_holder import ActiveRow, _load_and_verify
+from sensor_predictor.model_holder import ActiveRow, load_and_verify
 from sensor_predictor.simulator import FEATURE_NAMES, run_simulation
 from sensor_predictor.training import (
     EXPERIMENT_NAME,
@@ -72,7 +72,7 @@ async def test_train_on_generated_readings_logs_what_the_worker_loads(
     assert not result.activated
 
     model = await asyncio.to_thread(
-        _load_and_verify, ActiveRow(1, result.run_id, result.version, 4), MODEL_NAME)
+        load_and_verify, ActiveRow(1, result.run_id, result.version, 4), MODEL_NAME)
     assert model.feature_names == FEATURE_NAMES
     assert model.n_clusters == 4
     assert model.reference is not None
@@ -138,7 +138,7 @@ async def test_train_from_simulated_readings_in_the_database(
     assert sorted(result.proportions) == pytest.approx([0.2, 0.2, 0.3, 0.3], abs=0.01)
 
     model = await asyncio.to_thread(
-        _load_and_verify, ActiveRow(1, result.run_id, result.version, None), MODEL_NAME)
+        load_and_verify, ActiveRow(1, result.run_id, result.version, None), MODEL_NAME)
     # The scaler's column means are the sensors' means by name: no column got permuted.
     scaler = model.pipeline.named_steps["scaler"]
     expected = np.array([means[f"s{i}"] for i in range(20)])

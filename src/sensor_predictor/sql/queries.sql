@@ -97,3 +97,31 @@ UPDATE drift SET ended_at = now(), peak_score = GREATEST(peak_score, $2)
 -- name: close_other_drift_rows
 -- A swap ends the previous model's open excursion: its clusters are not ours to judge.
 UPDATE drift SET ended_at = now() WHERE ended_at IS NULL AND model_version <> $1;
+
+-- name: rescore_read
+-- History for an explicit re-scoring job, by id; the live worker's cursor is not involved.
+SELECT id, "values"::text AS raw
+  FROM readings
+ WHERE id > $1 AND ($2::bigint IS NULL OR id <= $2)
+ ORDER BY id
+ LIMIT $3;
+
+-- name: rescore_insert_predictions
+-- Idempotent: a reading already scored by this model version keeps its prediction.
+WITH inserted AS (
+    INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
+                             mlflow_run_id, model_name)
+    SELECT u.reading_id, u.cluster_id, u.confidence, $4, $5, $6
+      FROM unnest($1::bigint[], $2::integer[], $3::float8[]) AS u(reading_id, cluster_id, confidence)
+    ON CONFLICT (reading_id, model_version) DO NOTHING
+    RETURNING 1)
+SELECT count(*) FROM inserted;
+
+-- name: rescore_insert_errors
+WITH inserted AS (
+    INSERT INTO reading_errors (reading_id, reason, detail, model_version)
+    SELECT u.reading_id, u.reason, u.detail, $4
+      FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(reading_id, reason, detail)
+    ON CONFLICT (reading_id, model_version) DO NOTHING
+    RETURNING 1)
+SELECT count(*) FROM inserted;
