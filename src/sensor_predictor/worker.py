@@ -66,6 +66,7 @@ class Worker:
             log.info("shutdown_requested")
             self._stopping.set()
             self._wake.set()
+            self._update_ready()
 
     def wake(self, cause: str) -> None:
         # Counted as they arrive; the drain loop coalesces them into one pass.
@@ -118,7 +119,13 @@ class Worker:
         log.info("worker_starting", worker=self.name, **self.settings.describe())
         configure_mlflow(self.settings.mlflow_tracking_uri)
         try:
-            await self.metrics_server.start(self.settings.metrics_host, self.settings.metrics_port)
+            try:
+                await self.metrics_server.start(self.settings.metrics_host,
+                                                self.settings.metrics_port)
+            except OSError as exc:
+                log.error("metrics_server_failed", host=self.settings.metrics_host,
+                          port=self.settings.metrics_port, error=str(exc))
+                return 1
             log.info("metrics_serving", host=self.settings.metrics_host,
                      port=self.metrics_server.port)
             if not await self._connect():
