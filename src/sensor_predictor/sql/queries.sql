@@ -19,8 +19,15 @@ DELETE FROM scoring_claims WHERE id = $1 RETURNING id;
 -- name: waiting_behind_horizon
 -- Committed readings beyond the cursor that could not be handed out yet, because a transaction
 -- that started before them is still running.
+-- One probe of readings_txid_id_idx from the cursor (LATERAL, ORDER BY the index, LIMIT 1).
+-- Without the ORDER BY the planner seq-scans readings hoping to meet a row early; when nothing
+-- is waiting (the end of every pass) that reads the whole table.
 SELECT EXISTS (
-    SELECT 1 FROM readings r, scoring_cursor c WHERE (r.txid, r.id) > (c.txid, c.reading_id)
+    SELECT 1 FROM scoring_cursor c,
+           LATERAL (SELECT 1 FROM readings r
+                     WHERE (r.txid, r.id) > (c.txid, c.reading_id)
+                     ORDER BY r.txid, r.id
+                     LIMIT 1) waiting
 );
 
 -- name: read_range
