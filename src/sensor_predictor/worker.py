@@ -37,6 +37,10 @@ ORPHAN_CHECK_SECONDS = 1.0
 # Readings held back by a running transaction are re-checked at most this far apart: soon
 # enough for a writer's transaction, gentle enough for an idle-in-transaction session.
 BLOCKED_WAIT_MAX_SECONDS = 0.2
+# Behind (the last claim came back full), a lane doubles its claim up to this many times
+# PREDICTION_BATCH_SIZE: a backlog drains in fewer, larger batches (each batch costs ~8 round
+# trips whatever its size); caught up, it is back to PREDICTION_BATCH_SIZE.
+DRAIN_BATCH_FACTOR = 10
 SHUTDOWN_GRACE_SECONDS = 10.0
 
 
@@ -252,12 +256,13 @@ class Worker:
         """Claim and score batches until none is left (or shutdown); one of several in parallel."""
         assert self.pool is not None
         blocked_wait = 0.001
+        size = self.settings.prediction_batch_size
         while not self._stopping.is_set():
             model = self.holder.current
             if model is None:
                 return  # no model yet: readings wait, nothing is claimed
             async with self.pool.acquire() as conn:
-                claim = await self._next_claim(conn)
+                claim = await self._next_claim(conn, size)
                 if claim is None:
                     if not await waiting_behind_horizon(conn):
                         return
@@ -270,8 +275,10 @@ class Worker:
                 result = await score_claim(conn, claim, model)
             if result is not None:
                 self._record(result)
+                base = self.settings.prediction_batch_size
+                size = min(size * 2, base * DRAIN_BATCH_FACTOR) if result.size >= size else base
 
-    async def _next_claim(self, conn: asyncpg.Connection) -> Claim | None:
+    async def _next_claim(self, conn: asyncpg.Connection, size: int) -> Claim | None:
         now = time.monotonic()
         if now >= self._next_orphan_check:
             self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
@@ -281,7 +288,7 @@ class Worker:
                             from_id=orphan.from_id, to_id=orphan.to_id)
                 self._next_orphan_check = now  # there may be more
                 return orphan
-        return await claim_next(conn, self.name, self.settings.prediction_batch_size)
+        return await claim_next(conn, self.name, size)
 
     def _record(self, result: BatchResult) -> None:
         model = result.model
