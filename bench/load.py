@@ -1,0 +1,141 @@
+"""Readings in the real shape, written the two ways writers write: binary COPY and paced
+multi-row INSERT statements."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import numpy as np
+
+from sensor_predictor.simulator import FEATURE_NAMES, generate_feature_matrix
+
+# The simulator's own JSON shape: {"Sensor 1": 0.123456, ..., "Sensor 20": -0.4} (json.dumps
+# of a dict in feature order, rounded to 6 decimals).
+_TEMPLATE = "{" + ", ".join(f'"{name}": %r' for name in FEATURE_NAMES) + "}"
+
+
+def reading_values(n: int, seed: int = 0) -> list[str]:
+    """n distinct `values` documents from the simulator's stream."""
+    matrix = np.round(generate_feature_matrix(n, machines=10, seed=seed), 6)
+    return [_TEMPLATE % tuple(row) for row in matrix.tolist()]
+
+
+async def machine_ids(conn: asyncpg.Connection, n: int = 10) -> list[int]:
+    rows = await conn.fetch(
+        "INSERT INTO machines (machine_id) SELECT 'bench-' || g FROM generate_series(1, $1) g"
+        " ON CONFLICT (machine_id) DO UPDATE SET last_seen = now() RETURNING id", n)
+    return [int(r["id"]) for r in rows]
+
+
+@dataclass
+class CopyResult:
+    rows: int
+    seconds: float
+    batch: int
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds
+
+
+async def copy_readings(conn: asyncpg.Connection, n: int, pool: list[str], machines: list[int],
+                        batch: int = 10_000) -> CopyResult:
+    """n readings by binary COPY (copy_records_to_table), one transaction per `batch` rows.
+
+    Records are built before the clock starts: what is timed is the database's ingest.
+    """
+    stamp = datetime.now(UTC)
+    records = [(stamp, v, machines[i % len(machines)]) for i, v in enumerate(pool)]
+    chunks = []
+    for start in range(0, n, batch):
+        lo = start % len(records)
+        size = min(batch, n - start)
+        chunk = records[lo:lo + size]
+        if len(chunk) < size:
+            chunk += records[: size - len(chunk)]
+        chunks.append(chunk)
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        await conn.copy_records_to_table("readings", records=chunk,
+                                         columns=("timestamp", "values", "machine_id"))
+    return CopyResult(n, time.perf_counter() - t0, batch)
+
+
+def insert_statements(pool: list[str], machines: list[int], rows: int = 100,
+                      count: int = 200) -> list[str]:
+    """`count` distinct plain multi-row INSERTs of `rows` readings each, literal JSON, as the
+    old system's writers send them."""
+    out = []
+    for s in range(count):
+        values = []
+        for j in range(rows):
+            k = (s * rows + j) % len(pool)
+            doc = pool[k].replace("'", "''")
+            values.append(f"(now(), '{doc}', {machines[k % len(machines)]})")
+        out.append('INSERT INTO readings ("timestamp", "values", machine_id) VALUES '
+                   + ", ".join(values))
+    return out
+
+
+@dataclass
+class ProduceResult:
+    target_rate: float
+    seconds: float
+    rows: int
+    statements: int
+    connections: int
+    # readings written per whole second since the start (for the plot)
+    per_second: list[int] = field(default_factory=list)
+    max_behind_s: float = 0.0  # how far the producer fell behind its schedule
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+async def produce(dsn: dict[str, object], statements: list[str], rate: float, seconds: float,
+                  connections: int = 1, rows_per_statement: int = 100,
+                  stop: asyncio.Event | None = None) -> ProduceResult:
+    """Paced producer: statement i is due at t0 + i * rows / rate, on whichever connection is
+    free; behind schedule, statements go out back to back (the rate is then what the machine
+    allows, and max_behind_s says so)."""
+    conns = [await asyncpg.connect(**dsn) for _ in range(connections)]  # type: ignore[arg-type]
+    interval = rows_per_statement / rate
+    total = math.floor(seconds * rate / rows_per_statement)
+    next_index = 0
+    done_at: list[float] = []
+    behind = 0.0
+    t0 = time.monotonic() + 0.05
+
+    async def lane(conn: asyncpg.Connection) -> None:
+        nonlocal next_index, behind
+        while next_index < total and not (stop is not None and stop.is_set()):
+            if time.monotonic() - t0 >= seconds:
+                break  # behind schedule at the end: the step lasts `seconds`, not longer
+            i = next_index
+            next_index += 1
+            due = t0 + i * interval
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            else:
+                behind = max(behind, now - due)
+            await conn.execute(statements[i % len(statements)])
+            done_at.append(time.monotonic() - t0)
+
+    try:
+        await asyncio.gather(*(lane(c) for c in conns))
+    finally:
+        for c in conns:
+            await c.close()
+    elapsed = max(time.monotonic() - t0, 1e-9)
+    per_second = [0] * (int(elapsed) + 1)
+    for t in done_at:
+        per_second[min(int(max(t, 0)), len(per_second) - 1)] += rows_per_statement
+    return ProduceResult(rate, elapsed, len(done_at) * rows_per_statement, len(done_at),
+                         connections, per_second, behind)

@@ -1,0 +1,354 @@
+"""The run's results as JSON, one PNG and a short README (also printed)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v >= 100:
+        return f"{v:,.0f}{unit}"
+    if isinstance(v, int):
+        return f"{v:,}{unit}"
+    return f"{v}{unit}"
+
+
+def _ok(flag: bool | None) -> str:
+    return "-" if flag is None else ("met" if flag else "**missed**")
+
+
+def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(what, measured, target, met) rows."""
+    t = r["targets"]
+    rows: list[tuple[str, str, str, bool | None]] = []
+    for d in r.get("drain", []):
+        rows.append((f"drain 1M, batch {d['batch']} x {d['concurrency']} lanes, vs COPY ceiling",
+                     f"{d['rate']:,}/s = {d['ratio_to_ceiling_same_db']:.2f} x "
+                     f"{d['ceiling_copy']['rate']:,}/s",
+                     f">= {t['drain_vs_ceiling']} x",
+                     d["ratio_to_ceiling_same_db"] >= t["drain_vs_ceiling"]))
+    live = r.get("live", {})
+    s1 = live.get("steady_1000")
+    if s1:
+        li = s1["latency_ms"]["insert_to_commit"]
+        rows.append(("p50 insert -> prediction commit at 1,000/s", f"{li['p50']} ms",
+                     f"<= {t['p50_ms_at_1k']} ms", li["p50"] <= t["p50_ms_at_1k"]))
+        rows.append(("p99 insert -> prediction commit at 1,000/s", f"{li['p99']} ms",
+                     f"<= {t['p99_ms_at_1k']} ms", li["p99"] <= t["p99_ms_at_1k"]))
+    sw = live.get("swaps")
+    if sw:
+        rows.append(("model swap: commit -> first new-version prediction, median (max)",
+                     f"{sw['median_s']} s ({sw['max_s']} s)", f"<= {t['swap_median_s']} s",
+                     sw["median_s"] is not None and sw["median_s"] <= t["swap_median_s"]))
+    eo = live.get("exactly_once")
+    if eo:
+        rows.append(("readings lost / doubled (swaps + all live load)",
+                     f"{eo['lost']} / {eo['duplicated']} of {eo['readings']:,}"
+                     + (f" ({eo['still_waiting']:,} still waiting at the end)"
+                        if eo["still_waiting"] else ""), "0", eo["ok"]))
+    dr = r.get("drift")
+    if dr:
+        worst = max(dr["ratio_1M_over_100_by_batch"].values())
+        rec = min(dr.get("recount_ratio_1M_over_100_by_batch", {"-": 0}).values())
+        rows.append(("drift tracker cost, window 1M / window 100 (per batch)",
+                     f"{worst:.2f} x (a recount of the window: {rec:.0f} x)",
+                     f"<= {t['drift_flat_ratio']} x (flat)", worst <= t["drift_flat_ratio"]))
+    if r.get("drain"):
+        peak = max(d["peak_rss_mb"] for d in r["drain"])
+        rows.append(("worker peak RSS (VmHWM) draining 1M", f"{peak} MB", f"<= {t['rss_mb']} MB",
+                     peak <= t["rss_mb"]))
+    return rows
+
+
+def summary(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    pg = r.get("postgres", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run `{r['args'].get('command', '.venv/bin/python -m bench')}` on {m['date_utc']}: "
+        f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB, PostgreSQL "
+        f"{pg.get('version', '?')}, Python {m['python']}, git {m['git'].get('commit')}"
+        f"{' (dirty)' if m['git'].get('dirty') else ''}; {r['bench_seconds']} s end to end.",
+        "",
+        f"PostgreSQL: a throwaway cluster with **fsync={pg.get('settings', {}).get('fsync')}, "
+        f"synchronous_commit={pg.get('settings', {}).get('synchronous_commit')}** (durable, as "
+        "in production), shared_buffers "
+        f"{pg.get('settings', {}).get('shared_buffers')}, track_commit_timestamp on (exact "
+        "per-reading latency). The machine is shared and noisy: compare ratios within this run.",
+        "",
+        "## Targets",
+        "",
+        "| what | measured | target | |",
+        "|---|---|---|---|",
+    ]
+    for what, measured, target, met in evaluate(r):
+        lines.append(f"| {what} | {measured} | {target} | {_ok(met)} |")
+    drains = r.get("drain", [])
+    if drains:
+        ceil = [d["ceiling_copy"]["rate"] for d in drains]
+        lines += [
+            "",
+            "## Ceiling and drain (1M readings waiting, worker a real subprocess)",
+            "",
+            f"Ceiling, binary COPY (copy_records_to_table, 10,000-row transactions) of 1M "
+            f"readings with no worker: median **{statistics.median(ceil):,.0f}/s** over "
+            f"{len(ceil)} loads ({', '.join(f'{c:,}' for c in ceil)}). Each drain is compared "
+            "with the load of its own database, just before it. A drain not finished within "
+            f"{r['args'].get('drain_cap')} s is rated on what it scored by then.",
+            "",
+            "| batch x lanes | drain readings/s (drained?) | x ceiling (same DB) | "
+            "first->last commit | worker CPU | PostgreSQL CPU | other processes | peak RSS | "
+            "exactly once |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for d in drains:
+            lines.append(
+                f"| {d['batch']} x {d['concurrency']} | {d['rate']:,}"
+                f"{'' if d['drained'] else ' (not drained in the cap)'} | "
+                f"{d['ratio_to_ceiling_same_db']:.2f} | {d['first_to_last_commit_s']} s | "
+                f"{d['worker_cpu_share']:.0%} of a core | "
+                f"{d['cpu_cores'].get('postgres', '-')} cores | "
+                f"{d['cpu_cores'].get('others_cores', '-')} cores | {d['peak_rss_mb']} MB | "
+                f"{'yes' if d['exactly_once']['ok'] else 'NO'} |")
+    live = r.get("live", {})
+    steady = [v for k, v in live.items() if k.startswith("steady_")]
+    if steady:
+        lines += [
+            "",
+            "## Steady load (paced producer, 100-row multi-row INSERTs), latency in ms",
+            "",
+            "| load | produced | insert->commit p50 / p95 / p99 / max | writer's own INSERT "
+            "p50 | reading commit->prediction commit p50 / p99 | bare NOTIFY floor p50 / p99 | "
+            "histogram p50 / p99 | worker CPU | other processes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in steady:
+            a = s["latency_ms"]["insert_to_commit"]
+            b = s["latency_ms"]["visible_to_commit"]
+            w = s["latency_ms"]["insert_to_visible"]
+            f = s["latency_ms"].get("notify_floor", {})
+            h = s["histogram_ms"]
+            lines.append(
+                f"| {s['target_rate']:,}/s | {s['produced_rate']:,}/s | {a['p50']} / {a['p95']} "
+                f"/ {a['p99']} / {a['max']} | {w['p50']} | {b['p50']} / {b['p99']} | "
+                f"{f.get('p50', '-')} / {f.get('p99', '-')} | {h['p50']} / {h['p99']} "
+                f"| {s['worker_cpu_share']:.0%} of a core | "
+                f"{s['cpu_cores'].get('others_cores', '-')} cores |")
+        lines += [
+            "",
+            "insert->commit: from the reading's INSERT statement start (`inserted_at`) to the "
+            "commit of its prediction (`pg_xact_commit_timestamp` of the prediction row), exact "
+            "per reading; it includes the writer's own statement and commit. reading commit->"
+            "prediction commit: from when the reading became visible. histogram: the worker's "
+            "own `sensor_prediction_latency_seconds`, scraped before/after, bucket-interpolated. "
+            "bare NOTIFY floor: reading commit -> arrival of its statement's NOTIFY at a listener "
+            "in the bench that does nothing else (what any NOTIFY-driven consumer waits for). "
+            "other processes: CPU used on this shared 2-core machine by processes that are not "
+            "this bench, its PostgreSQL or the worker.",
+        ]
+    st = live.get("stepup")
+    if st:
+        lines += ["", "## Rate step-up (backlog = the product's backlog query, sampled 2/s)", "",
+                  "Bounded: scored >= 97 % of what was written, and the backlog in the second "
+                  "half of the step under max(2,000, 0.5 s of writes).", "",
+                  "| target | produced | consumed | backlog max / end | bounded |",
+                  "|---|---|---|---|---|"]
+        for s in st["steps"]:
+            lines.append(f"| {s['target_rate']:,}/s | {s['produced_rate']:,}/s"
+                         f"{'' if s['producer_reached_target'] else ' (producer-limited)'} | "
+                         f"{s['consumed_rate']:,}/s | {s['backlog_max']:,} / {s['backlog_end']:,}"
+                         f" | {'yes' if s['bounded'] else 'no'} |")
+        lines.append("")
+        lines.append(f"Highest rate with the backlog bounded: **{_fmt(st['max_bounded_rate'])}"
+                     f"/s**" + (" (the producer could not write faster on this machine: the "
+                                "worker kept up with everything written)"
+                                if st["max_bounded_limited_by_producer"] else "") + ".")
+    sw = live.get("swaps")
+    if sw:
+        lines += ["", f"## Model swaps ({len(sw['swaps'])} under {sw['rate']:,} readings/s)", "",
+                  f"Commit of the clusters change -> first committed prediction of the new "
+                  f"version: median **{sw['median_s']} s**, max {sw['max_s']} s; -> model "
+                  f"loaded (worker log): median {sw['loaded_median_s']} s. Readings lost: "
+                  f"{live['exactly_once']['missing']}, doubled: "
+                  f"{live['exactly_once']['duplicated']}."]
+    od = r.get("old_design")
+    if od:
+        best = max((d["rate"] for d in drains), default=None)
+        default = next((d["rate"] for d in drains
+                        if d["batch"] == 100 and d["concurrency"] == 2), None)
+        bounded = st["max_bounded_rate"] if st else None
+        lines += [
+            "", "## Against the old design (poll, batch 100, one INSERT per prediction)", "",
+            f"Same 1M-waiting database. Its cycle (SELECT unpredicted via anti-join, decode JSON, "
+            f"predict, 100 INSERTs, commit) takes {od['cycle_work_median_ms']} ms median "
+            f"(select {od['cycle_select_median_ms']}, predict {od['cycle_predict_median_ms']}, "
+            f"insert+commit {od['cycle_insert_commit_median_ms']}); back to back that is "
+            f"**{od['capacity_interval_0_per_s']:,}/s**; as designed (every 30 s) "
+            f"**{od['design_throughput_per_s']}/s**, with 0-30 s added delay (p50 "
+            f"~{od['design_latency_p50_s']} s).",
+            "",
+            "| | ours | old, interval 0 | old, as designed (30 s) |",
+            "|---|---|---|---|",
+        ]
+        if default:
+            lines.append(f"| drain, default settings (100 x 2) | {default:,}/s | "
+                         f"{default / od['capacity_interval_0_per_s']:.0f} x | "
+                         f"{default / od['design_throughput_per_s']:,.0f} x |")
+        if best:
+            lines.append(f"| drain, best configuration | {best:,}/s | "
+                         f"{best / od['capacity_interval_0_per_s']:.0f} x | "
+                         f"{best / od['design_throughput_per_s']:,.0f} x |")
+        if bounded:
+            lines.append(f"| sustained rate, backlog bounded | {bounded:,}/s | "
+                         f"{bounded / od['capacity_interval_0_per_s']:.0f} x | "
+                         f"{bounded / od['design_throughput_per_s']:,.0f} x |")
+        s1 = live.get("steady_1000")
+        if s1:
+            lines.append(f"| latency p50 at load it sustains | "
+                         f"{s1['latency_ms']['insert_to_commit']['p50']} ms (1,000/s) | - | "
+                         f"~{od['design_latency_p50_s']} s (<= 3.3/s) |")
+    dr = r.get("drift")
+    if dr:
+        lines += ["", "## Drift tracker, median cost per batch (us)", "",
+                  "| window | batch | tracker | recount baseline |", "|---|---|---|---|"]
+        for c in dr["cells"]:
+            lines.append(f"| {c['window']:,} | {c['batch']:,} | {c['tracker_us']} | "
+                         f"{c['recount_us']} |")
+    lines += ["", "Files: `results.json` (everything, with timelines), `results.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10.5))
+    m = r["machine"]
+    fig.suptitle(f"sensor-predictor bench, {m['date_utc'][:16]} UTC: {m['cpu_model']}, "
+                 f"{m['cores']} cores, {m['memory_gb']} GB, PostgreSQL "
+                 f"{r.get('postgres', {}).get('version', '?')} (fsync on), Python {m['python']}",
+                 fontsize=11)
+    live = r.get("live", {})
+
+    ax = axes[0][0]
+    colours = {"steady_1000": "tab:blue", "steady_10000": "tab:orange"}
+    for key, s in live.items():
+        if not key.startswith("steady_"):
+            continue
+        c = colours.get(key)
+        for kind, style, what in (
+                ("insert_to_commit", "-", "INSERT start -> prediction commit"),
+                ("visible_to_commit", ":", "reading commit -> prediction commit"),
+                ("notify_floor", "-.", "reading commit -> bare NOTIFY arrives (floor)")):
+            pts = s["cdf_ms"].get(kind)
+            if pts:
+                ax.plot([max(p[0], 0.01) for p in pts], [p[1] for p in pts], style, color=c,
+                        lw=1.6 if kind == "insert_to_commit" else 1.1,
+                        label=f"{s['target_rate']:,}/s: {what}")
+    for x, lbl in ((3, "p50 target 3 ms"), (10, "p99 target 10 ms")):
+        ax.axvline(x, color="grey", lw=0.8, ls="--")
+        ax.text(x, 0.02, lbl, rotation=90, fontsize=8, color="grey", ha="right")
+    ax.axhline(0.5, color="lightgrey", lw=0.6)
+    ax.axhline(0.99, color="lightgrey", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per reading (ms, log)")
+    ax.set_ylabel("share of readings")
+    ax.set_title("Latency distribution, steady load (exact, from commit timestamps)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+
+    ax = axes[0][1]
+    for d in r.get("drain", []):
+        tl = [p for p in d["timeline"] if p[0] >= -0.5]
+        ts, rates = [], []
+        for (t0, n0, _), (t1, n1, _) in zip(tl, tl[4:], strict=False):  # over ~1 s
+            if t1 > t0 and n0 < d["readings"]:
+                ts.append(t1)
+                rates.append((n1 - n0) / (t1 - t0) / 1000)
+        ax.plot(ts, rates, label=f"drain, batch {d['batch']} x {d['concurrency']} lanes: "
+                                 f"{d['rate'] / 1000:.0f}k/s")
+    if r.get("drain"):
+        ceil = statistics.median(d["ceiling_copy"]["rate"] for d in r["drain"]) / 1000
+        ax.axhline(ceil, color="black", ls="--", lw=1, label=f"COPY ceiling {ceil:.0f}k/s")
+        ax.axhline(ceil / 2, color="grey", ls=":", lw=1, label="target: 0.5 x ceiling")
+    od = r.get("old_design")
+    if od:
+        ax.axhline(od["capacity_interval_0_per_s"] / 1000, color="tab:red", ls="-.", lw=1,
+                   label=f"old design, back to back: {od['capacity_interval_0_per_s']:.0f}/s")
+    ax.set_xlabel("seconds since the first prediction")
+    ax.set_ylabel("readings scored per second (thousands)")
+    n = r.get("drain", [{}])[0].get("readings", 0) if r.get("drain") else 0
+    ax.set_title(f"Drain of {n:,} waiting readings: throughput over time (1 s windows)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+
+    ax = axes[1][0]
+    st = live.get("stepup")
+    if st and st["samples"]:
+        smp = st["samples"]
+        ts = [s[0] for s in smp[1:]]
+        consumed = [(b[2] - a[2]) / (b[0] - a[0]) / 1000 for a, b in itertools.pairwise(smp)]
+        ax.plot(ts, consumed, color="tab:green", lw=1, label="scored /s (worker counter)")
+        for s in st["steps"]:
+            ax.hlines(s["produced_rate"] / 1000, s["start_s"], s["end_s"], color="tab:blue",
+                      lw=2.5, label="written /s (producer)" if s is st["steps"][0] else None)
+            ax.text((s["start_s"] + s["end_s"]) / 2, s["produced_rate"] / 1000,
+                    f"{s['target_rate'] // 1000}k", ha="center", va="bottom", fontsize=8)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("readings per second (thousands)")
+        ax2 = ax.twinx()
+        ax2.plot([s[0] for s in smp], [max(s[1], 1) for s in smp], color="tab:red", lw=1,
+                 label="backlog (readings, log)")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("backlog (readings, log)", color="tab:red")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+        ax.set_title(f"Rate step-up, {st['step_seconds']:.0f} s a step: highest bounded rate "
+                     f"{_fmt(st['max_bounded_rate'])}/s")
+        ax.grid(alpha=0.3)
+
+    ax = axes[1][1]
+    bars: list[tuple[str, float, str]] = []
+    if r.get("drain"):
+        bars.append(("COPY ceiling\n(median)", statistics.median(
+            d["ceiling_copy"]["rate"] for d in r["drain"]), "black"))
+        for d in r["drain"]:
+            bars.append((f"drain\n{d['batch']}x{d['concurrency']}", d["rate"], "tab:blue"))
+    if st and st["max_bounded_rate"]:
+        bars.append(("sustained\n(bounded)", st["max_bounded_rate"], "tab:green"))
+    if od:
+        bars.append(("old design\ninterval 0", od["capacity_interval_0_per_s"], "tab:red"))
+        bars.append(("old design\nevery 30 s", od["design_throughput_per_s"], "darkred"))
+    if bars:
+        ax.bar(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+        ax.set_yscale("log")
+        for i, b in enumerate(bars):
+            ax.text(i, b[1] * 1.1, f"{b[1]:,.0f}" if b[1] >= 10 else f"{b[1]:.1f}",
+                    ha="center", fontsize=8)
+        ax.set_ylabel("readings per second (log)")
+        ax.set_title("Throughput: ours vs the ceiling vs the old design (same run)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(r: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+    plot(r, out / "results.png")
+    text = summary(r)
+    (out / "README.md").write_text(text)
+    return text

@@ -1,0 +1,762 @@
+"""One command, one run: how fast the worker is, how close to what PostgreSQL allows, and
+against the old design, on a throwaway durable PostgreSQL cluster.
+
+    .venv/bin/python -m bench            # or: .venv/bin/python bench/run.py
+    .venv/bin/python -m bench --quick    # a smoke run in about two minutes
+
+Writes bench/results/results.json, results.png and README.md (the summary, also printed).
+Phases, in order: drift tracker cost; drain of 1M waiting readings per (batch, concurrency),
+each preceded by the binary COPY that loads them (the ceiling); the old design on the same
+1M; then on one live database: steady load at 1k and 10k readings/s, 10 model swaps under
+1k/s, and a rate step-up to find where the backlog stops being bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asyncpg
+import numpy as np
+
+from bench import load, old_design
+from bench.cluster import SERVER_SETTINGS, start_cluster, stop_cluster
+from bench.cpu import CpuMeter
+from bench.worker_process import BenchWorker, histogram_quantile
+from sensor_predictor.config import load_settings
+from sensor_predictor.logging_setup import configure_logging
+from sensor_predictor.migrate import migrate
+from tests.support import PgServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TMP = ROOT / "bench" / ".tmp"
+BACKLOG_SQL = """
+SELECT (SELECT count(*) FROM readings r, scoring_cursor c
+         WHERE (r.txid, r.id) > (c.txid, c.reading_id))
+     + (SELECT COALESCE(sum(n), 0) FROM scoring_claims s,
+               LATERAL (SELECT count(*) AS n FROM readings r
+                         WHERE (r.txid, r.id) > (s.from_txid, s.from_id)
+                           AND (r.txid, r.id) <= (s.to_txid, s.to_id)) c)::bigint
+"""  # the product's own backlog query (sql/queries.sql "backlog"): waiting + claimed, unwritten
+
+TARGETS = {
+    "drain_vs_ceiling": 0.5,
+    "p50_ms_at_1k": 3.0,
+    "p99_ms_at_1k": 10.0,
+    "swap_median_s": 0.5,
+    "drift_flat_ratio": 1.5,  # cost at window 1M / cost at window 100, per batch size
+    "rss_mb": 400.0,
+}
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class Model:
+    run_id: str
+    version: int
+    n_clusters: int
+
+    @property
+    def model_version(self) -> str:  # what the worker writes in predictions.model_version
+        return str(self.version)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.work = TMP / self.stamp
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.server: PgServer | None = None
+        self.template = "bench_template"
+        self.mlflow_uri = f"sqlite:///{self.work}/mlflow.db"
+        self.models: list[Model] = []
+        self.machines: list[int] = []
+        self.pool: list[str] = []
+        self.statements: list[str] = []
+        self.results: dict[str, Any] = {}
+        self.cpu = CpuMeter(None)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        extra = dict(kv.split("=", 1) for kv in self.args.pg_setting)
+        self.server = await asyncio.to_thread(start_cluster, extra)
+        self.cpu = CpuMeter(self.server.datadir)
+        admin = await self.server.connect()
+        await admin.execute(f'CREATE DATABASE "{self.template}"')
+        settings = {r["name"]: r["setting"] for r in await admin.fetch(
+            "SELECT name, setting || COALESCE(unit, '') AS setting FROM pg_settings WHERE name ="
+            " ANY($1::text[])", [*SERVER_SETTINGS, "shared_buffers", "max_wal_size",
+                                 "wal_sync_method", "checkpoint_timeout"])}
+        self.results["postgres"] = {"version": await admin.fetchval("SHOW server_version"),
+                                    "settings": settings}
+        await admin.close()
+        conn = await self.server.connect(self.template)
+        await migrate(conn)
+        self.machines = await load.machine_ids(conn)
+        await conn.close()
+        say(f"PostgreSQL {self.results['postgres']['version']} on port {self.server.port}, "
+            f"fsync={settings['fsync']} synchronous_commit={settings['synchronous_commit']}")
+        self.pool = await asyncio.to_thread(load.reading_values, self.args.pool)
+        self.statements = load.insert_statements(self.pool, self.machines)
+        await self._train()
+
+    async def _train(self) -> None:
+        """Two models through the product's trainer (4 and 3 clusters), logged, not activated."""
+        from sensor_predictor.training import train
+
+        settings = load_settings({**self.server_env(self.template),
+                                  "MLFLOW_TRACKING_URI": self.mlflow_uri})
+        cwd = Path.cwd()
+        os.chdir(self.work)  # an sqlite store puts its default artifact root under the cwd
+        try:
+            for clusters, seed in ((4, 1), (3, 2)):
+                r = await train(settings, clusters=clusters, activate=False, seed=seed,
+                                readings=20_000)
+                self.models.append(Model(r.run_id, int(r.version), clusters))
+        finally:
+            os.chdir(cwd)
+        say(f"models: {[(m.model_version, m.n_clusters) for m in self.models]}")
+
+    def server_env(self, database: str) -> dict[str, str]:
+        assert self.server is not None
+        return self.server.env(database)
+
+    def dsn(self, database: str) -> dict[str, Any]:
+        """The bench's own sessions (producers, probes). JIT off: a probe must not spend tens of
+        milliseconds of the database's CPU compiling a count (it changes nothing for INSERTs)."""
+        assert self.server is not None
+        return {**self.server.kwargs(database),
+                "server_settings": {"jit": "off", "application_name": "bench"}}
+
+    async def new_db(self, name: str) -> asyncpg.Connection:
+        """A clone of the migrated template with model A active; returns a connection to it."""
+        assert self.server is not None
+        admin = await self.server.connect()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        await admin.close()
+        conn = await asyncpg.connect(**self.dsn(name))
+        a = self.models[0]
+        await conn.execute(
+            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
+            " VALUES ($1, $2, true, $3)", a.run_id, a.version, a.n_clusters)
+        return conn
+
+    async def drop_db(self, name: str) -> None:
+        assert self.server is not None
+        admin = await self.server.connect()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+    def worker(self, database: str, tag: str, **env: str) -> BenchWorker:
+        base = {**self.server_env(database), "MLFLOW_TRACKING_URI": self.mlflow_uri,
+                "INFERENCE_INTERVAL_SECONDS": "30", "LOG_LEVEL": "info"}
+        if self.args.worker_src:  # the worker from another checkout (a patch under test)
+            base["PYTHONPATH"] = os.pathsep.join(
+                [self.args.worker_src, *filter(None, [os.environ.get("PYTHONPATH")])])
+        return BenchWorker({**base, **env}, self.work / f"worker-{tag}.log", cwd=self.work)
+
+    def start_worker(self, database: str, tag: str, **env: str) -> BenchWorker:
+        w = self.worker(database, tag, **env).start()
+        self.cpu.worker_pid = w.pid
+        return w
+
+    async def load_waiting(self, conn: asyncpg.Connection, n: int) -> dict[str, Any]:
+        """COPY n readings with no worker running (a ceiling sample), then let them sit: vacuumed
+        and checkpointed, as readings that have been waiting a while are."""
+        copy = await load.copy_readings(conn, n, self.pool, self.machines)
+        t0 = time.perf_counter()
+        await conn.execute("VACUUM (ANALYZE) readings")
+        await conn.execute("CHECKPOINT")
+        return {"rows": copy.rows, "seconds": round(copy.seconds, 3),
+                "rate": round(copy.rate), "copy_batch": copy.batch,
+                "settle_s": round(time.perf_counter() - t0, 2)}
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def phase_drift(self) -> None:
+        """bench/drift_cost.py's measurement, made sturdier for a noisy machine: every cell
+        (window x batch) is timed in several interleaved rounds and keeps its best median."""
+        from bench import drift_cost as dc
+
+        rng = np.random.default_rng(0)
+        rounds, per_round = 5, max(20, self.args.drift_repeats // 5)
+        kw = {"threshold": 0.2, "exit_threshold": 0.1, "reference": dc.REFERENCE}
+        cells: dict[tuple[int, int], dict[str, Any]] = {}
+        for window in dc.WINDOWS:
+            prefill = rng.integers(0, dc.N_CLUSTERS, size=window, dtype=np.intp)
+            for batch in dc.BATCHES:
+                tracker = dc.DriftTracker(dc.N_CLUSTERS, window, **kw)
+                tracker.update(prefill)
+                base = dc.RecountBaseline(dc.N_CLUSTERS, window, **kw)
+                base.update(prefill)
+                batches = [rng.integers(0, dc.N_CLUSTERS, size=batch, dtype=np.intp)
+                           for _ in range(per_round)]
+                dc.median_cost(tracker.update, batches[:10])  # warm-up
+                cells[(window, batch)] = {"tracker": tracker, "base": base, "batches": batches,
+                                          "t": [], "b": []}
+        for _ in range(rounds):
+            for c in cells.values():
+                c["t"].append(dc.median_cost(c["tracker"].update, c["batches"]))
+                c["b"].append(dc.median_cost(c["base"].update, c["batches"]))
+        rows = [{"window": w, "batch": b, "tracker_us": round(min(c["t"]) * 1e6, 2),
+                 "recount_us": round(min(c["b"]) * 1e6, 2)} for (w, b), c in cells.items()]
+        flat, recount = {}, {}
+        for batch in dc.BATCHES:
+            t = {r["window"]: r["tracker_us"] for r in rows if r["batch"] == batch}
+            b = {r["window"]: r["recount_us"] for r in rows if r["batch"] == batch}
+            flat[str(batch)] = round(t[max(t)] / t[min(t)], 2)
+            recount[str(batch)] = round(b[max(b)] / b[min(b)], 1)
+        self.results["drift"] = {"n_clusters": dc.N_CLUSTERS, "rounds": rounds,
+                                 "batches_per_round": per_round, "cells": rows,
+                                 "ratio_1M_over_100_by_batch": flat,
+                                 "recount_ratio_1M_over_100_by_batch": recount}
+        say(f"drift: tracker 1M/100 {flat}, recount 1M/100 {recount}")
+
+    async def phase_drain(self, batch: int, concurrency: int, old: bool = False
+                          ) -> dict[str, Any]:
+        n = self.args.n
+        name = f"drain_{batch}x{concurrency}"
+        conn = await self.new_db(name)
+        ceiling = await self.load_waiting(conn, n)
+        say(f"{name}: ceiling COPY {n:,} readings {ceiling['rate']:,}/s")
+        if old:  # the old design on the very same 1M waiting, before our worker starts
+            self.results["old_design"] = await self.phase_old_design(conn, ceiling)
+        say(f"{name}: worker starting")
+        w = self.start_worker(name, name, PREDICTION_BATCH_SIZE=str(batch),
+                              PREDICTION_CONCURRENCY=str(concurrency))
+        profiler = None
+        timeline: list[tuple[float, float, int]] = []  # (s since spawn, predictions, rss)
+        try:
+            ready_s = await w.wait_ready()
+            if self.args.profile:
+                profiler = subprocess.Popen(  # noqa: ASYNC220 - starts and returns at once
+                    ["py-spy", "record", "--pid", str(w.pid), "--rate", "200", "--nonblocking",
+                     "--format", "speedscope", "-o", str(self.out / f"profile-{name}.json")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cpu0 = w.cpu_seconds()
+            snap0 = self.cpu.snapshot()
+            deadline = time.monotonic() + self.args.drain_cap
+            done = 0.0
+            while time.monotonic() < deadline:
+                sample = await w.scrape()
+                done = sample.get("sensor_predictions_total", 0.0)
+                timeline.append((time.monotonic() - w.started_at, done,
+                                 w.proc_status()["VmRSS"]))
+                if done >= n:
+                    break
+                await asyncio.sleep(0.25)
+            status = w.proc_status()
+            cpu = w.cpu_seconds() - cpu0
+            machine_cpu = self.cpu.delta(snap0, self.cpu.snapshot())
+        finally:
+            if profiler is not None:
+                profiler.send_signal(2)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    profiler.wait(30)
+            await w.stop()
+        row = await conn.fetchrow(
+            "SELECT count(*) AS n, min(pg_xact_commit_timestamp(xmin)) AS first,"
+            " max(pg_xact_commit_timestamp(xmin)) AS last FROM predictions")
+        span = (row["last"] - row["first"]).total_seconds()
+        check = await exactly_once(conn)
+        await conn.close()
+        await self.drop_db(name)
+        rate = row["n"] / span if span > 0 else float("nan")
+        t_first = next((t for t, p, _ in timeline if p > 0), None)
+        out = {
+            "batch": batch, "concurrency": concurrency, "readings": n,
+            "ceiling_copy": ceiling,
+            "rate": round(rate), "ratio_to_ceiling_same_db": round(rate / ceiling["rate"], 3),
+            "first_to_last_commit_s": round(span, 3),
+            "worker_ready_s": round(ready_s, 2),
+            "spawn_to_drained_s": round(timeline[-1][0], 2) if done >= n else None,
+            "drained": done >= n,
+            "worker_cpu_s": round(cpu, 2),
+            "worker_cpu_share": round(cpu / span, 2) if span > 0 else None,
+            "peak_rss_mb": round(status["VmHWM"] / 2**20, 1),
+            "cpu_cores": machine_cpu,
+            "exactly_once": check,
+            # throughput over time from the worker's own counter, 4 samples a second
+            "timeline": [(round(t - (t_first or 0), 2), int(p), round(r / 2**20, 1))
+                         for t, p, r in timeline],
+        }
+        say(f"{name}: {out['rate']:,}/s = {out['ratio_to_ceiling_same_db']:.2f} x ceiling, "
+            f"peak RSS {out['peak_rss_mb']} MB, exactly once: {check['ok']}")
+        return out
+
+    async def phase_old_design(self, conn: asyncpg.Connection, ceiling: dict[str, Any]
+                               ) -> dict[str, Any]:
+        """The old design polling back to back on a database of 1M waiting readings; its
+        predictions are deleted afterwards, so the database is as it was."""
+        import mlflow.sklearn
+
+        say("old design: polling back to back")
+        a = self.models[0]
+        pipeline = await asyncio.to_thread(mlflow.sklearn.load_model, f"runs:/{a.run_id}/model")
+        from sensor_predictor.simulator import FEATURE_NAMES
+
+        snap0 = self.cpu.snapshot()
+        res = await old_design.run_old_design(
+            conn, pipeline, list(FEATURE_NAMES), a.model_version, a.run_id,
+            seconds=self.args.old_seconds, interval_s=0.0, batch=100)
+        machine_cpu = self.cpu.delta(snap0, self.cpu.snapshot())
+        await conn.execute("DELETE FROM predictions")
+        await conn.execute("VACUUM predictions")
+        out = {"ceiling_copy": ceiling, **res.summary(design_interval_s=30.0),
+               "cpu_cores": machine_cpu}
+        say(f"old design: capacity {out['capacity_interval_0_per_s']}/s at interval 0, "
+            f"cycle {out['cycle_work_median_ms']} ms; as designed "
+            f"{out['design_throughput_per_s']}/s")
+        return out
+
+    async def phase_live(self) -> dict[str, Any]:
+        name = "live"
+        conn = await self.new_db(name)
+        w = self.start_worker(name, name)  # the defaults: batch 100, 2 lanes
+        out: dict[str, Any] = {}
+        try:
+            out["worker_ready_s"] = round(await w.wait_ready(), 2)
+            await load.produce(self.dsn(name), self.statements, 1000, 3)  # warm-up
+            await wait_drained(conn)
+            for rate in self.args.steady_rates:
+                out[f"steady_{rate}"] = await self.steady(conn, w, name, rate)
+            out["swaps"] = await self.swaps(conn, w, name)
+            out["stepup"] = await self.stepup(conn, w, name)
+            await w.stop()
+            out["exactly_once"] = await exactly_once(conn)
+            eo = out["exactly_once"]
+            say(f"live: {eo['readings']:,} readings, lost {eo['lost']}, doubled "
+                f"{eo['duplicated']}, still waiting {eo['still_waiting']:,}")
+        finally:
+            await w.stop()
+            await conn.close()
+            await self.drop_db(name)
+        return out
+
+    async def steady(self, conn: asyncpg.Connection, w: BenchWorker, db_name: str,
+                     rate: int) -> dict[str, Any]:
+        lo = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
+        before = await w.scrape()
+        cpu0 = w.cpu_seconds()
+        snap0 = self.cpu.snapshot()
+        backlog: list[int] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_backlog(self.dsn(db_name), backlog, stop))
+        # The floor: a listener that does nothing but note when each statement's NOTIFY
+        # arrives (the wake-up every NOTIFY-driven consumer waits for), in the same process
+        # and conditions as the producer.
+        notified: list[float] = []
+        listener = await asyncpg.connect(**self.dsn(db_name))
+        await listener.add_listener("sensor_readings",
+                                    lambda *_: notified.append(time.time()))
+        prod = await load.produce(self.dsn(db_name), self.statements, rate,
+                                  self.args.steady_seconds,
+                                  connections=1 if rate <= 10_000 else 2)
+        machine_cpu = self.cpu.delta(snap0, self.cpu.snapshot())
+        stop.set()
+        await sampler
+        drain_wait = await wait_drained(conn)
+        await listener.close()
+        cpu = w.cpu_seconds() - cpu0
+        after = await w.scrape()
+        hi = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
+        lat = await latencies(conn, lo, hi)
+        commits = [r[0].timestamp() for r in await conn.fetch(
+            "SELECT DISTINCT pg_xact_commit_timestamp(xmin) FROM readings"
+            " WHERE id > $1 AND id <= $2 ORDER BY 1", lo, hi)]
+        if len(commits) == len(notified):  # one NOTIFY per statement, in commit order
+            lat["notify_floor"] = np.asarray(notified) - np.asarray(commits)
+        out = {
+            "target_rate": rate, "produced": prod.rows, "produced_rate": round(prod.rate),
+            "producer_max_behind_s": round(prod.max_behind_s, 3),
+            "seconds": round(prod.seconds, 2),
+            "latency_ms": {k: summarize(v * 1000) for k, v in lat.items()},
+            "histogram_ms": {f"p{int(q * 100)}": round(v * 1000, 2) if v is not None else None
+                             for q in (0.5, 0.95, 0.99)
+                             for v in [histogram_quantile(q, before, after)]},
+            "backlog_max": max(backlog) if backlog else None,
+            "drain_after_s": _round(drain_wait),
+            "worker_cpu_share": round(cpu / prod.seconds, 3),
+            "cpu_cores": machine_cpu,
+            "cdf_ms": {k: cdf_points(v * 1000) for k, v in lat.items()},
+        }
+        li = out["latency_ms"]["insert_to_commit"]
+        say(f"steady {rate}/s: produced {out['produced_rate']}/s, insert->prediction commit "
+            f"p50 {li['p50']} p95 {li['p95']} p99 {li['p99']} ms (histogram p50 "
+            f"{out['histogram_ms']['p50']} p99 {out['histogram_ms']['p99']}), worker CPU "
+            f"{out['worker_cpu_share']:.0%}; cores: {machine_cpu}")
+        return out
+
+    async def swaps(self, conn: asyncpg.Connection, w: BenchWorker, db_name: str
+                    ) -> dict[str, Any]:
+        a, b = self.models[0], self.models[1]
+        row_of = {a.run_id: await conn.fetchval(
+            "SELECT id FROM clusters WHERE mlflow_run_id = $1", a.run_id)}
+        stop = asyncio.Event()
+        producer = asyncio.create_task(load.produce(
+            self.dsn(db_name), self.statements, self.args.swap_rate, 3600, stop=stop))
+        await asyncio.sleep(1.0)
+        swaps = []
+        try:
+            for i in range(self.args.swaps):
+                target = b if i % 2 == 0 else a
+                async with conn.transaction():
+                    seq = await conn.fetchval("SELECT last_value FROM predictions_id_seq")
+                    row_id = row_of.get(target.run_id)
+                    if row_id is None:  # first activation of this model: a new row
+                        await conn.execute("UPDATE clusters SET is_active = false WHERE is_active")
+                        row_id = await conn.fetchval(
+                            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version,"
+                            " is_active, n_clusters) VALUES ($1, $2, true, $3) RETURNING id",
+                            target.run_id, target.version, target.n_clusters)
+                        row_of[target.run_id] = row_id
+                    else:  # re-activation (run ids are unique): that row, made the newest
+                        await conn.execute(
+                            "UPDATE clusters SET is_active = (id = $1), created_at ="
+                            " CASE WHEN id = $1 THEN now() ELSE created_at END"
+                            " WHERE is_active OR id = $1", row_id)
+                committed = await conn.fetchval(
+                    "SELECT pg_xact_commit_timestamp(xmin) FROM clusters WHERE id = $1", row_id)
+                first = None
+                deadline = time.monotonic() + 30
+                while first is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    first = await conn.fetchval(
+                        "SELECT min(pg_xact_commit_timestamp(xmin)) FROM predictions"
+                        " WHERE id > $1 AND model_version = $2", seq, target.model_version)
+                swaps.append({"to_version": target.model_version, "row": row_id,
+                              "committed": committed, "first_prediction": first, "seq": seq})
+                await asyncio.sleep(self.args.swap_gap)
+        finally:
+            stop.set()
+            await producer
+        await wait_drained(conn, timeout=30)
+        # exact, after the fact: the earliest commit of a new-version prediction per swap
+        loaded = [e for e in w.events() if e.get("event") == "model_swapped"]
+        for s in swaps:
+            first = await conn.fetchval(
+                "SELECT min(pg_xact_commit_timestamp(xmin)) FROM predictions"
+                " WHERE id > $1 AND model_version = $2", s["seq"], s["to_version"])
+            s["to_first_prediction_s"] = (round((first - s["committed"]).total_seconds(), 4)
+                                          if first else None)
+            log = next((e for e in loaded if e.get("clusters_row") == s["row"]
+                        and dt.datetime.fromisoformat(e["timestamp"]) >= s["committed"]), None)
+            s["to_model_loaded_s"] = (round((dt.datetime.fromisoformat(log["timestamp"])
+                                             - s["committed"]).total_seconds(), 4)
+                                      if log else None)
+            s["load_ms"] = log.get("load_ms") if log else None
+            for k in ("committed", "first_prediction", "seq"):
+                s.pop(k)
+        times = [s["to_first_prediction_s"] for s in swaps if s["to_first_prediction_s"]]
+        loads = [s["to_model_loaded_s"] for s in swaps if s["to_model_loaded_s"] is not None]
+        out = {
+            "rate": self.args.swap_rate, "swaps": swaps,
+            "median_s": round(statistics.median(times), 4) if times else None,
+            "max_s": round(max(times), 4) if times else None,
+            "loaded_median_s": round(statistics.median(loads), 4) if loads else None,
+            "swaps_without_new_prediction": sum(1 for s in swaps
+                                                if s["to_first_prediction_s"] is None),
+        }
+        say(f"swaps: commit -> first new-version prediction median {out['median_s']} s, "
+            f"max {out['max_s']} s (model loaded: median {out['loaded_median_s']} s)")
+        return out
+
+    async def stepup(self, conn: asyncpg.Connection, w: BenchWorker, db_name: str
+                     ) -> dict[str, Any]:
+        samples: list[tuple[float, int, float]] = []  # (t, backlog, predictions_total)
+        stop = asyncio.Event()
+        t0 = time.monotonic()
+
+        async def sampler() -> None:
+            c = await asyncpg.connect(**self.dsn(db_name))
+            try:
+                while not stop.is_set():
+                    backlog = await c.fetchval(BACKLOG_SQL)
+                    done = (await w.scrape()).get("sensor_predictions_total", 0.0)
+                    samples.append((time.monotonic() - t0, int(backlog), done))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.5)
+            finally:
+                await c.close()
+
+        task = asyncio.create_task(sampler())
+        steps = []
+        for rate in self.args.step_rates:
+            start = time.monotonic() - t0
+            conns = 1 if rate <= 5_000 else 2 if rate <= 20_000 else 3
+            snap0 = self.cpu.snapshot()
+            prod = await load.produce(self.dsn(db_name), self.statements, rate,
+                                      self.args.step_seconds, connections=conns)
+            end = time.monotonic() - t0
+            machine_cpu = self.cpu.delta(snap0, self.cpu.snapshot())
+            inside = [s for s in samples if start <= s[0] <= end]
+            late = [s for s in inside if s[0] >= start + (end - start) / 2]
+            consumed = ((inside[-1][2] - inside[0][2]) / (inside[-1][0] - inside[0][0])
+                        if len(inside) >= 2 else float("nan"))
+            # Bounded: the worker scored (nearly) what was written, and the backlog in the
+            # second half of the step stayed under half a second of writes.
+            bound = max(2000, 0.5 * rate)
+            bounded = (bool(late) and max(s[1] for s in late) <= bound
+                       and consumed >= 0.97 * prod.rate)
+            steps.append({
+                "target_rate": rate, "connections": conns, "produced_rate": round(prod.rate),
+                "producer_reached_target": prod.rate >= 0.95 * rate,
+                "consumed_rate": round(consumed), "backlog_max": max(s[1] for s in inside),
+                "backlog_end": inside[-1][1], "bound": int(bound), "bounded": bounded,
+                "start_s": round(start, 2), "end_s": round(end, 2), "cpu_cores": machine_cpu})
+            say(f"step {rate}/s: produced {prod.rate:,.0f}/s, consumed {consumed:,.0f}/s, "
+                f"backlog max {steps[-1]['backlog_max']:,} end {steps[-1]['backlog_end']:,} "
+                f"({'bounded' if bounded else 'GROWING'}); cores: {machine_cpu}")
+        drain_s = await wait_drained(conn, timeout=60)
+        stop.set()
+        await task
+        best = None
+        for s in steps:  # the highest rate reached with every step up to it bounded
+            if not s["bounded"]:
+                break
+            best = s
+        return {"step_seconds": self.args.step_seconds, "steps": steps,
+                "max_bounded_rate": best["produced_rate"] if best else None,
+                "max_bounded_limited_by_producer": bool(best and not best[
+                    "producer_reached_target"]),
+                "drain_after_s": _round(drain_s, 2),
+                "samples": [(round(t, 2), b, int(p)) for t, b, p in samples]}
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        t_start = time.monotonic()
+        self.out = Path(self.args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results["machine"] = machine_info()
+        self.results["args"] = {**vars(self.args),
+                                "command": " ".join([".venv/bin/python -m bench", *sys.argv[1:]])}
+        self.results["targets"] = TARGETS
+        phases = set(self.args.only or ["drift", "drain", "old", "live"])
+        try:
+            if "drift" in phases:
+                self.phase_drift()
+            await self.setup()
+            if "drain" in phases:
+                self.results["drain"] = []
+                for i, cfg in enumerate(self.args.drain):
+                    batch, conc = (int(x) for x in cfg.split("x"))
+                    self.results["drain"].append(
+                        await self.phase_drain(batch, conc, old=i == 0 and "old" in phases))
+            if "live" in phases:
+                self.results["live"] = await self.phase_live()
+        finally:
+            if self.server is not None:
+                await asyncio.to_thread(stop_cluster, self.server)
+        self.results["bench_seconds"] = round(time.monotonic() - t_start, 1)
+        return self.results
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+async def wait_drained(
+    conn: asyncpg.Connection,
+    timeout: float = 60,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+) -> float | None:
+    """Seconds until nothing is waiting or claimed-and-unwritten (polling every 20 ms); None
+    when the backlog is still there after `timeout` (the run goes on and says so)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if await conn.fetchval(BACKLOG_SQL) == 0:
+            return time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    say(f"backlog not drained in {timeout} s: {await conn.fetchval(BACKLOG_SQL):,} left")
+    return None
+
+
+def _round(v: float | None, nd: int = 3) -> float | None:
+    return None if v is None else round(v, nd)
+
+
+async def sample_backlog(dsn: dict[str, Any], out: list[int], stop: asyncio.Event) -> None:
+    c = await asyncpg.connect(**dsn)
+    try:
+        while not stop.is_set():
+            out.append(int(await c.fetchval(BACKLOG_SQL)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        await c.close()
+
+
+async def exactly_once(conn: asyncpg.Connection) -> dict[str, Any]:
+    """Every reading has exactly one result (a prediction or a recorded error), or is still
+    waiting (the backlog: beyond the cursor or in a claim). Run with the worker stopped."""
+    backlog = int(await conn.fetchval(BACKLOG_SQL))
+    row = await conn.fetchrow("""
+        SELECT (SELECT count(*) FROM readings) AS readings,
+               (SELECT count(*) FROM predictions) AS predictions,
+               (SELECT count(*) FROM reading_errors) AS errors,
+               (SELECT count(*) FROM (SELECT reading_id FROM predictions GROUP BY reading_id
+                                       HAVING count(*) > 1) d) AS duplicated,
+               (SELECT count(*) FROM readings r
+                 WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.reading_id = r.id)
+                   AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id))
+                 AS missing""")
+    out = dict(row)
+    out["still_waiting"] = backlog
+    out["lost"] = out["missing"] - backlog  # neither scored nor waiting: lost
+    out["ok"] = out["lost"] == 0 and out["duplicated"] == 0
+    return out
+
+
+async def latencies(conn: asyncpg.Connection, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Exact per-reading latencies in seconds, from commit timestamps (track_commit_timestamp):
+
+    insert_to_commit: reading's INSERT statement start (inserted_at = statement_timestamp())
+      to the commit of its prediction: the product's definition, the one the histogram counts;
+    visible_to_commit: the reading's own commit (when a worker can first see it) to the commit
+      of its prediction: the worker's reaction time;
+    insert_to_txn_start: inserted_at to predictions.prediction_time (now() of the scoring
+      transaction = its start): the lower bound available without commit timestamps;
+    insert_to_visible: the writer's own part, its INSERT statement and commit.
+    """
+    row = await conn.fetchrow("""
+        SELECT array_agg(extract(epoch FROM pg_xact_commit_timestamp(p.xmin) - r.inserted_at)
+                         ::float8) AS insert_to_commit,
+               array_agg(extract(epoch FROM pg_xact_commit_timestamp(p.xmin)
+                                          - pg_xact_commit_timestamp(r.xmin))::float8)
+                   AS visible_to_commit,
+               array_agg(extract(epoch FROM p.prediction_time - r.inserted_at)::float8)
+                   AS insert_to_txn_start,
+               array_agg(extract(epoch FROM pg_xact_commit_timestamp(r.xmin) - r.inserted_at)
+                         ::float8) AS insert_to_visible
+          FROM readings r JOIN predictions p ON p.reading_id = r.id
+         WHERE r.id > $1 AND r.id <= $2""", lo, hi)
+    return {k: np.asarray(row[k] or [], dtype=np.float64)
+            for k in row.keys()}  # noqa: SIM118 - iterating a Record yields values
+
+
+def summarize(values: np.ndarray) -> dict[str, float | int]:
+    if values.size == 0:
+        return {"n": 0}
+    p = np.percentile(values, [50, 95, 99, 99.9])
+    return {"n": int(values.size), "p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3),
+            "p99": round(float(p[2]), 3), "p99_9": round(float(p[3]), 3),
+            "max": round(float(values.max()), 3), "mean": round(float(values.mean()), 3)}
+
+
+def cdf_points(values: np.ndarray, points: int = 200) -> list[tuple[float, float]]:
+    if values.size == 0:
+        return []
+    qs = np.linspace(0, 100, points)
+    return [(round(float(v), 4), round(float(q) / 100, 4))
+            for v, q in zip(np.percentile(values, qs), qs, strict=True)]
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem_kb = int(line.split()[1])
+    git = {}
+    with contextlib.suppress(Exception):
+        git["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       capture_output=True, text=True).stdout.strip()
+        git["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT,
+                                           capture_output=True, text=True).stdout.strip())
+    versions = {}
+    for pkg in ("asyncpg", "numpy", "scikit-learn", "mlflow", "aioprometheus"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[pkg] = importlib.metadata.version(pkg)
+    import sensor_predictor
+
+    return {
+        "cpu_model": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(), "python": platform.python_version(),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_at_start": os.getloadavg(), "git": git, "packages": versions,
+        "sensor_predictor_from": str(Path(sensor_predictor.__file__).parent),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    p.add_argument("--only", nargs="+", choices=["drift", "drain", "old", "live"],
+                   help="phases to run (old runs inside the first drain's database)")
+    p.add_argument("--n", type=int, default=1_000_000, help="readings waiting per drain")
+    p.add_argument("--drain", nargs="+", default=["100x2", "1000x2", "1000x1"],
+                   help="BATCHxCONCURRENCY configurations to drain (the first one also hosts "
+                        "the old design's run)")
+    p.add_argument("--drain-cap", type=float, default=100,
+                   help="seconds a drain may take; beyond, the rate is what it did by then")
+    p.add_argument("--steady-rates", type=int, nargs="+", default=[1000, 10_000])
+    p.add_argument("--steady-seconds", type=float, default=60)
+    p.add_argument("--swaps", type=int, default=10)
+    p.add_argument("--swap-rate", type=int, default=1000)
+    p.add_argument("--swap-gap", type=float, default=1.0)
+    p.add_argument("--step-rates", type=int, nargs="+",
+                   default=[1000, 5000, 10_000, 20_000, 40_000])
+    p.add_argument("--step-seconds", type=float, default=15)
+    p.add_argument("--old-seconds", type=float, default=20)
+    p.add_argument("--pool", type=int, default=200_000, help="distinct readings generated")
+    p.add_argument("--drift-repeats", type=int, default=300)
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy record each drain (speedscope JSON next to the results)")
+    p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra server setting (for profiling, e.g. "
+                        "shared_preload_libraries=pg_stat_statements)")
+    p.add_argument("--worker-src", default=None, metavar="DIR",
+                   help="run the worker subprocess from DIR (put first on its PYTHONPATH), "
+                        "e.g. the src/ of a patched copy; the bench itself is unchanged")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.drain = 100_000, ["100x2", "1000x2"]
+        args.steady_seconds, args.step_seconds, args.old_seconds = 10, 5, 5
+        args.swaps, args.pool, args.drift_repeats = 4, 50_000, 100
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("warning", "console")
+    results = asyncio.run(Bench(args).run())
+    from bench import report
+
+    out = Path(args.out)
+    summary = report.write(results, out)
+    print(summary)
+    say(f"wrote {out / 'results.json'}, {out / 'results.png'}, {out / 'README.md'} "
+        f"in {results['bench_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
