@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -18,6 +18,10 @@ _NAME = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+    # asyncpg's answer to a query started on a connection whose server has just said FATAL
+    # (backend terminated, server shutting down) while its socket is not closed yet:
+    # "cannot switch to state 11; another operation (2) is in progress".
+    asyncpg.InternalClientError,
 )
 
 PREDICTION_COLUMNS = (
@@ -57,9 +61,11 @@ async def connect(settings: Settings, **kwargs: Any) -> asyncpg.Connection:
     return await asyncpg.connect(**settings.connect_kwargs(), **kwargs)
 
 
-async def create_pool(settings: Settings, size: int) -> asyncpg.Pool:
+async def create_pool(settings: Settings, size: int,
+                      init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+                      ) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        **settings.connect_kwargs(), min_size=1, max_size=size,
+        **settings.connect_kwargs(), min_size=1, max_size=size, init=init,
         # A server that went away must not hang a batch forever.
         command_timeout=30,
         # Short statements over ~100-1000 rows only. The planner estimates a (txid, id) row

@@ -71,7 +71,7 @@ class Listener:
                 await self._heartbeat(conn, lost)
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
                 if self.listening or first:
                     log.warning("listener_connection_failed", error=_describe(exc),
                                 retry_in_s=backoff)

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+# The password of a URL with credentials (http://user:password@host, a DSN): a tracking URI may
+# carry one, and MLflow's error messages repeat the URL they failed on.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+
+
+def redact_url_passwords(_logger: Any, _method: str, event: MutableMapping[str, Any]
+                         ) -> MutableMapping[str, Any]:
+    """A structlog processor: every text value with a URL password gets *** instead."""
+    for key, value in event.items():
+        if isinstance(value, str) and "@" in value:
+            event[key] = _URL_PASSWORD.sub(r"\g<head>***@", value)
+    return event
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -23,6 +40,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_url_passwords,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

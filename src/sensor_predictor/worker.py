@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 import uuid
+import weakref
 from typing import Any
 
 import asyncpg
@@ -59,6 +60,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._model_event = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Set when the listen connection comes back: the database is reachable again.
+        self._reconnected = asyncio.Event()
+        # Every connection the pool opened (asyncpg has no public list of them).
+        self._connections: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
         self._tasks: list[asyncio.Task[Any]] = []
         self._next_orphan_check = 0.0
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
@@ -86,6 +91,14 @@ class Worker:
     def _listening(self, first: bool) -> None:
         if not first:
             self.metrics.db_reconnects.inc({"connection": "listener"})
+            # Whatever broke the listen connection (a restart, a dead network path) most likely
+            # broke the pooled ones too. A half-open one answers nothing, not even a cancel or
+            # a graceful close, and a batch on it would hold every wake-up for command_timeout:
+            # drop them all at once (the pool opens new ones). A range claimed and not
+            # committed stays claimed; the orphan hunt gives it out again, exactly once.
+            for connection in list(self._connections):
+                connection.terminate()
+            self._reconnected.set()
         # Whatever was notified while nobody listened: look now, and re-check the model.
         self._model_event.set()
         self.wake("startup" if first else "reconnect")
@@ -157,7 +170,8 @@ class Worker:
                     finally:
                         await conn.close()
                 self.pool = await db.create_pool(
-                    self.settings, size=self.settings.prediction_concurrency + 2)
+                    self.settings, size=self.settings.prediction_concurrency + 2,
+                    init=self._track_connection)
                 return True
             except db.UNAVAILABLE as exc:
                 log.warning("database_unavailable", error=str(exc) or type(exc).__name__,
@@ -167,16 +181,22 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
         return False
 
+    async def _track_connection(self, connection: asyncpg.Connection) -> None:
+        self._connections.add(connection)
+
     async def _shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # A task stuck on a half-open connection cannot even have its query cancelled (the
+            # cancellation's answer never comes back): it must not hold the exit up.
+            await asyncio.wait(self._tasks, timeout=1.0)
         await self.drift.flush()
         if self.pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), timeout=5)
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=1.0)
+            except Exception:  # a connection that does not answer: drop them all
+                self.pool.terminate()
             self.pool = None
         await self.metrics_server.stop()
         log.info("worker_stopped", worker=self.name)
@@ -234,6 +254,7 @@ class Worker:
             if self._stopping.is_set():
                 break
             self._wake.clear()
+            self._reconnected.clear()
             lanes = [self._lane() for _ in range(self.settings.prediction_concurrency)]
             outcomes = await asyncio.gather(*lanes, return_exceptions=True)
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
@@ -247,9 +268,9 @@ class Worker:
             else:
                 log.error("batch_failed", error=f"{type(failure).__name__}: {failure}",
                           retry_in_s=backoff, exc_info=failure)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
-            backoff = min(backoff * 2, 5.0)
+            # Back off, but not past the moment the listener is connected again.
+            await _wait_any(self._stopping, self._reconnected, timeout=backoff)
+            backoff = 0.1 if self._reconnected.is_set() else min(backoff * 2, 5.0)
             self.wake("retry")
 
     async def _lane(self) -> None:
@@ -306,3 +327,13 @@ class Worker:
         log.debug("batch_scored", rows=result.size, bad=len(result.bad),
                   model_version=model.version, ms=round(result.duration * 1000, 2),
                   slow_path=result.slow_path)
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109
+    """Until one of the events is set, or `timeout` seconds."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
