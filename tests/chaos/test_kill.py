@@ -1,0 +1,159 @@
+"""Worker processes killed (SIGKILL) and stopped (SIGTERM) in the middle of a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.chaos._support import StreamWriter, check_invariant, percentile, unscored, wait_settled
+from tests.chaos.conftest import Workers, served
+from tests.conftest import Database, Models, activate
+from tests.support import WorkerProcess
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
+
+# Each kill costs a worker start (~5-10 s here, mostly importing sklearn for the model):
+# CHAOS_KILLS=5 for a quick local run.
+KILLS = int(os.environ.get("CHAOS_KILLS", "20"))
+
+
+async def _results_per_reading(conn: asyncpg.Connection) -> dict[int, int]:
+    rows = await conn.fetch("""
+        SELECT r.id, (SELECT count(*) FROM predictions p WHERE p.reading_id = r.id)
+                   + (SELECT count(*) FROM reading_errors e WHERE e.reading_id = r.id) AS n
+          FROM readings r""")
+    return {r["id"]: r["n"] for r in rows}
+
+
+async def _wait_recovered(conn: asyncpg.Connection, worker: WorkerProcess, mark: int,
+                          above: int, restarted: float, timeout: float = 120  # noqa: ASYNC109
+                          ) -> tuple[float, float | None]:
+    """Seconds from the restart until every reading committed before it has a result (and until
+    the worker said ready, when it did so first)."""
+    ready_at: float | None = None
+    deadline = restarted + timeout
+    while time.monotonic() < deadline:
+        if ready_at is None:
+            state = await asyncio.to_thread(worker.ready)
+            if state and state.get("ready"):
+                ready_at = time.monotonic() - restarted
+        if await unscored(conn, up_to=mark, above=above) == 0:
+            return time.monotonic() - restarted, ready_at
+        assert worker.proc is not None and worker.proc.poll() is None, worker.logs()[-3000:]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not recovered {timeout} s after the restart:\n{worker.logs()[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_sigkill_at_random_moments_of_a_stream(
+        chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
+        workers: Workers, report: Any) -> None:
+    conn = chaos_conn
+    await activate(conn, *chaos_models.v1)
+    env = {"PREDICTION_BATCH_SIZE": "50"}  # CLAIM_ORPHAN_SECONDS stays at its default, 2 s
+    writer = StreamWriter(chaos_db.server, chaos_db.name, rows=20, pause=0.02).start()
+    rnd = random.Random(20)
+    worker = workers.start(**env)
+    await asyncio.to_thread(worker.wait_ready)
+    cycles: list[dict[str, Any]] = []
+    recovered_up_to = 0
+    for k in range(KILLS):
+        await asyncio.sleep(rnd.uniform(0.05, 1.5))
+        worker.signal(signal.SIGKILL)
+        await asyncio.to_thread(worker.wait, 10)
+        orphaned = await conn.fetch("SELECT from_id, to_id FROM scoring_claims")
+        restarted = time.monotonic()
+        mark = writer.stats.max_id  # everything committed before the restart
+        worker = workers.start(**env)
+        recovery, ready = await _wait_recovered(conn, worker, mark, recovered_up_to, restarted)
+        cycles.append({"kill": k + 1, "from_id": recovered_up_to, "to_id": mark,
+                       "orphaned_claims": len(orphaned), "recovery_s": recovery,
+                       "ready_s": ready})
+        recovered_up_to = mark
+    stats = await writer.stop()
+    assert await wait_settled(conn, 60), worker.logs()[-3000:]
+    outcome = await check_invariant(conn, served(chaos_models.v1),
+                                    expected_readings=stats.committed)
+
+    per_reading = await _results_per_reading(conn)
+    for c in cycles:
+        counts = Counter(n for rid, n in per_reading.items() if c["from_id"] < rid <= c["to_id"])
+        c["readings"] = sum(counts.values())
+        c["lost"] = counts.get(0, 0)
+        c["duplicated"] = sum(v for n, v in counts.items() if n > 1)
+        assert c["lost"] == 0 and c["duplicated"] == 0, c
+    recoveries = [c["recovery_s"] for c in cycles]
+    readies = [c["ready_s"] for c in cycles if c["ready_s"] is not None]
+    after_ready = [c["recovery_s"] - c["ready_s"] for c in cycles if c["ready_s"] is not None]
+    mid_batch = sum(1 for c in cycles if c["orphaned_claims"])
+    report(scenario="1. SIGKILL x random moments + restart", runs=f"{KILLS} kills",
+           readings=outcome.tally.readings, lost=outcome.lost, duplicated=outcome.duplicated,
+           recovery=(f"restart->backlog 0: median {statistics.median(recoveries):.2f} s, "
+                     f"p95 {percentile(recoveries, 0.95):.2f} s, max {max(recoveries):.2f} s"),
+           detail=(f"{mid_batch}/{KILLS} kills left claims (killed mid-batch), "
+                   f"{sum(c['orphaned_claims'] for c in cycles)} orphaned claims re-taken; "
+                   f"restart->ready median {statistics.median(readies):.2f} s, ready->backlog 0 "
+                   f"median {statistics.median(after_ready):.2f} s; "
+                   f"stream {stats.committed} rows; per kill (readings, recovery s): "
+                   + ", ".join(f"{c['readings']}/{c['recovery_s']:.1f}" for c in cycles)))
+
+
+async def _start_ready(workers: Workers, **env: str) -> WorkerProcess:
+    worker = workers.start(**env)
+    await asyncio.to_thread(worker.wait_ready)
+    return worker
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_commits_in_flight_batches_and_exits_zero(
+        chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
+        workers: Workers, report: Any) -> None:
+    conn = chaos_conn
+    await activate(conn, *chaos_models.v1)
+    # A backlog, so the worker is busy scoring when the signal comes, and a stream on top.
+    env = {"PREDICTION_BATCH_SIZE": "500", "PREDICTION_CONCURRENCY": "2", "LOG_LEVEL": "debug"}
+    writer = StreamWriter(chaos_db.server, chaos_db.name, rows=100, pause=0.01).start()
+    rnd = random.Random(8)
+    exits: list[float] = []
+    finished_after_signal: list[int] = []
+    runs = 3
+    for _ in range(runs):
+        worker = await _start_ready(workers, **env)
+        await asyncio.sleep(rnd.uniform(0.3, 1.5))
+        busy = (worker.metric("sensor_predictions_total") or 0) > 0
+        worker.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = await asyncio.to_thread(worker.wait, 10)
+        exits.append(time.monotonic() - signalled)
+        assert code == 0, worker.logs()[-3000:]
+        assert exits[-1] < 5, exits
+        # Every range it had claimed was committed: no claim is left for an orphan hunt.
+        assert await conn.fetchval("SELECT count(*) FROM scoring_claims") == 0
+        assert busy, "the worker had scored nothing before the signal: no load"
+        events = [e.get("event") for e in worker.events()]
+        assert "shutdown_requested" in events and "worker_stopped" in events
+        assert "batch_failed" not in events, worker.logs()[-3000:]
+        after = events[events.index("shutdown_requested"):]
+        finished_after_signal.append(after.count("batch_scored"))
+    stats = await writer.stop()
+    final = await _start_ready(workers, **env)
+    assert await wait_settled(conn, 60), final.logs()[-3000:]
+    outcome = await check_invariant(conn, served(chaos_models.v1),
+                                    expected_readings=stats.committed)
+    report(scenario="8. SIGTERM under load", runs=runs, readings=outcome.tally.readings,
+           lost=outcome.lost, duplicated=outcome.duplicated,
+           recovery=f"exit 0 in {min(exits):.2f}-{max(exits):.2f} s after SIGTERM",
+           detail=(f"batches committed after SIGTERM per run: {finished_after_signal}; no "
+                   "claim left after any exit"))
+    # At least one signal came in the middle of a batch, and that batch was committed.
+    assert max(finished_after_signal) >= 1, finished_after_signal
