@@ -60,10 +60,10 @@ from pathlib import Path
 from typing import IO, Any, Literal, TextIO, TypeVar
 
 import asyncpg
-import structlog
 
 from sensor_predictor import db
 from sensor_predictor.config import Secret, Settings, load_settings
+from sensor_predictor.logging_setup import configure_logging
 
 __all__ = ["DEMO_POSTGRES_ENV", "histogram_quantile", "run_demo"]
 
@@ -182,25 +182,9 @@ class Console:
 def _log_to_file(path: Path, level: str) -> IO[str]:
     """structlog (JSON lines), the stdlib loggers (MLflow, alembic, pgserver) and warnings go to
     `path`, so the terminal shows the progress only."""
-    levels = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-              "error": logging.ERROR}
     handle = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by run_demo
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(levels[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=handle),
-        cache_logger_on_first_use=True,
-    )
-    stdlib = logging.StreamHandler(handle)
-    stdlib.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if level == "debug" else logging.WARNING,
-                        handlers=[stdlib], force=True)
+    # The service's own logging set-up (secrets redacted), pointed at the file.
+    configure_logging(level, "json", stream=handle)
     for name in ("mlflow", "alembic", "pgserver"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True

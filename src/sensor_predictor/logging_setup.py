@@ -6,7 +6,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -28,9 +28,11 @@ def redact_url_passwords(_logger: Any, _method: str, event: MutableMapping[str, 
     return event
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Route structlog (and the stdlib loggers of our libraries) to stderr."""
-    json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None
+                      ) -> None:
+    """Route structlog (and the stdlib loggers of our libraries) to stderr, or to `stream`."""
+    out = stream or sys.stderr
+    json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json_output
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
@@ -44,9 +46,10 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
     # MLflow, alembic and aiohttp log through the stdlib; keep them quiet unless debugging.
     logging.basicConfig(level=logging.WARNING if level != "debug" else logging.DEBUG,
-                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+                        stream=out, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
