@@ -62,8 +62,11 @@ class Worker:
         self._stopping = asyncio.Event()
         # Set when the listen connection comes back: the database is reachable again.
         self._reconnected = asyncio.Event()
-        # Every connection the pool opened (asyncpg has no public list of them).
-        self._connections: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+        # Every connection the pool opened (asyncpg has no public list of them), with the
+        # time.monotonic() it was opened at; and when the listen connection was last lost.
+        self._connections: weakref.WeakKeyDictionary[asyncpg.Connection, float] = (
+            weakref.WeakKeyDictionary())
+        self._lost_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
         self._next_orphan_check = 0.0
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
@@ -96,8 +99,11 @@ class Worker:
             # a graceful close, and a batch on it would hold every wake-up for command_timeout:
             # drop them all at once (the pool opens new ones). A range claimed and not
             # committed stays claimed; the orphan hunt gives it out again, exactly once.
-            for connection in list(self._connections):
-                connection.terminate()
+            # Only those older than the loss: one opened since is on the new path, and may be in
+            # the middle of the first batch after the outage.
+            for connection, opened_at in list(self._connections.items()):
+                if opened_at < self._lost_at:
+                    connection.terminate()
             self._reconnected.set()
         # Whatever was notified while nobody listened: look now, and re-check the model.
         self._model_event.set()
@@ -105,6 +111,7 @@ class Worker:
         self._update_ready()
 
     def _listen_lost(self) -> None:
+        self._lost_at = time.monotonic()
         self._update_ready()
 
     def _model_failed(self, reason: str) -> None:
@@ -182,7 +189,7 @@ class Worker:
         return False
 
     async def _track_connection(self, connection: asyncpg.Connection) -> None:
-        self._connections.add(connection)
+        self._connections[connection] = time.monotonic()
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
