@@ -1,39 +1,74 @@
 -- The tables of the system we replace (same names and columns, so its writers, trainer and
--- dashboards keep working), with bigint ids, timestamptz and the columns the worker needs.
+-- dashboards keep working), with the columns the worker needs.
+--
+-- Two starting points, one result:
+-- * a fresh database: every table is created here, with bigint ids;
+-- * a database the old system made (its consumer's ORM creates the tables at every start, often
+--   before we run): its tables, integer ids and constraint names are kept, and only what we need
+--   is added. Nothing here rewrites a table or scans one: a column added with a constant (or
+--   stable) default is a catalog change, and SET DEFAULT only affects rows inserted later.
+--   The indexes that must be built over existing rows come in 0004, built CONCURRENTLY.
+-- The runner applies this file in one transaction with a short lock_timeout, retried: writers
+-- stall for at most that long, never behind a migration that waits for someone else's lock.
 
-CREATE TABLE machines (
+-- Take every lock at once, in the order the old consumer takes them (machines, failures,
+-- readings), so that its transactions and this one cannot deadlock.
+DO $$
+BEGIN
+    IF to_regclass('readings') IS NOT NULL THEN
+        LOCK TABLE machines, failures, readings, predictions IN ACCESS EXCLUSIVE MODE;
+    END IF;
+END
+$$;
+
+CREATE TABLE IF NOT EXISTS machines (
     id          bigserial PRIMARY KEY,
     machine_id  varchar(36) NOT NULL UNIQUE,
     first_seen  timestamptz NOT NULL DEFAULT now(),
     last_seen   timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE machines ALTER COLUMN first_seen SET DEFAULT now(),
+                     ALTER COLUMN last_seen SET DEFAULT now();
 
-CREATE TABLE failures (
+CREATE TABLE IF NOT EXISTS failures (
     id          bigserial PRIMARY KEY,
     start_time  timestamptz NOT NULL DEFAULT now(),
     end_time    timestamptz,
     is_active   boolean NOT NULL DEFAULT true,
     machine_id  bigint NOT NULL REFERENCES machines (id)
 );
+ALTER TABLE failures ALTER COLUMN start_time SET DEFAULT now(),
+                     ALTER COLUMN is_active SET DEFAULT true;
 
-CREATE TABLE readings (
+CREATE TABLE IF NOT EXISTS readings (
     id           bigserial PRIMARY KEY,
     "timestamp"  timestamptz NOT NULL DEFAULT now(),
     "values"     jsonb,
     machine_id   bigint NOT NULL REFERENCES machines (id),
-    failure_id   bigint REFERENCES failures (id),
-    -- When the row was written; the latency histogram measures from here to the commit of the
-    -- prediction. Writers never set it.
-    inserted_at  timestamptz NOT NULL DEFAULT statement_timestamp(),
-    -- The writing transaction. The worker hands out readings in (txid, id) order and only below
-    -- the oldest transaction still running, so a reading whose id was taken early but committed
-    -- late is never skipped (ids come from a sequence before the commit). Writers never set it.
-    txid         xid8 NOT NULL DEFAULT pg_current_xact_id()
+    failure_id   bigint REFERENCES failures (id)
 );
-CREATE INDEX readings_txid_id_idx ON readings (txid, id);
-CREATE INDEX readings_machine_id_idx ON readings (machine_id);
+ALTER TABLE readings ALTER COLUMN "timestamp" SET DEFAULT now();
+-- When the row was written; the latency histogram measures from here to the commit of the
+-- prediction. Writers never set it. (statement_timestamp() is stable, not volatile: rows that
+-- existed before the column get the migration's time, and the table is not rewritten.)
+ALTER TABLE readings ADD COLUMN IF NOT EXISTS
+    inserted_at timestamptz NOT NULL DEFAULT statement_timestamp();
+-- The writing transaction: the worker hands out readings by transaction snapshots (see 0003).
+-- Writers never set it. Rows older than the column read as '0', "committed before anything":
+-- a volatile default here would rewrite the table, so the real default is set separately and
+-- applies from now on.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = 'readings'::regclass AND attname = 'txid'
+                      AND NOT attisdropped) THEN
+        ALTER TABLE readings ADD COLUMN txid xid8 NOT NULL DEFAULT '0';
+    END IF;
+END
+$$;
+ALTER TABLE readings ALTER COLUMN txid SET DEFAULT pg_current_xact_id();
 
-CREATE TABLE predictions (
+CREATE TABLE IF NOT EXISTS predictions (
     id                bigserial PRIMARY KEY,
     cluster_id        integer NOT NULL,
     model_version     varchar(50) NOT NULL,
@@ -44,11 +79,12 @@ CREATE TABLE predictions (
     reading_id        bigint NOT NULL REFERENCES readings (id),
     CONSTRAINT predictions_reading_model_key UNIQUE (reading_id, model_version)
 );
-CREATE INDEX predictions_prediction_time_idx ON predictions (prediction_time);
+ALTER TABLE predictions ALTER COLUMN prediction_time SET DEFAULT now(),
+                        ALTER COLUMN model_name SET DEFAULT 'sensor_failure_clustering';
 
 -- Readings that could not be scored (missing sensor, not a number, ...): one row each, with the
 -- reason, so nothing is retried forever and nothing is lost silently.
-CREATE TABLE reading_errors (
+CREATE TABLE IF NOT EXISTS reading_errors (
     id             bigserial PRIMARY KEY,
     reading_id     bigint NOT NULL REFERENCES readings (id),
     reason         varchar(40) NOT NULL,
@@ -58,8 +94,9 @@ CREATE TABLE reading_errors (
     CONSTRAINT reading_errors_reading_model_key UNIQUE (reading_id, model_version)
 );
 
--- The active-model table: the newest row with is_active is the model to serve.
-CREATE TABLE clusters (
+-- The active-model table: the newest row with is_active is the model to serve. Its bookkeeping
+-- columns describe a model and may be left out by a plain SQL activation.
+CREATE TABLE IF NOT EXISTS clusters (
     id                    bigserial PRIMARY KEY,
     mlflow_run_id         varchar(36) NOT NULL UNIQUE,
     mlflow_model_version  integer,
@@ -69,43 +106,64 @@ CREATE TABLE clusters (
     silhouette_score      double precision,
     cluster_profiles      jsonb
 );
-CREATE INDEX clusters_active_idx ON clusters (created_at DESC, id DESC) WHERE is_active;
+ALTER TABLE clusters ALTER COLUMN created_at SET DEFAULT now(),
+                     ALTER COLUMN is_active SET DEFAULT false,
+                     ALTER COLUMN mlflow_model_version DROP NOT NULL,
+                     ALTER COLUMN n_clusters DROP NOT NULL,
+                     ALTER COLUMN silhouette_score DROP NOT NULL,
+                     ALTER COLUMN cluster_profiles DROP NOT NULL;
+CREATE INDEX IF NOT EXISTS clusters_active_idx
+    ON clusters (created_at DESC, id DESC) WHERE is_active;
 
 -- New-model notices, kept for the old system's tools; the worker marks them processed.
-CREATE TABLE versions (
+CREATE TABLE IF NOT EXISTS versions (
     id            bigserial PRIMARY KEY,
     version       varchar(50) NOT NULL,
     run_id        varchar(50),
     created_at    timestamptz NOT NULL DEFAULT now(),
     is_processed  boolean NOT NULL DEFAULT false
 );
+ALTER TABLE versions ALTER COLUMN created_at SET DEFAULT now(),
+                     ALTER COLUMN is_processed SET DEFAULT false,
+                     ALTER COLUMN run_id DROP NOT NULL;
 
 -- One row per drift excursion: opened when the score rises above the threshold, closed
 -- (ended_at) when it falls below the exit level.
-CREATE TABLE drift (
+CREATE TABLE IF NOT EXISTS drift (
     id                      bigserial PRIMARY KEY,
     detection_time          timestamptz NOT NULL DEFAULT now(),
     drift_score             double precision NOT NULL,
     reference_distribution  jsonb NOT NULL,
-    current_distribution    jsonb NOT NULL,
-    model_version           varchar(50),
-    peak_score              double precision,
-    ended_at                timestamptz
+    current_distribution    jsonb NOT NULL
 );
+ALTER TABLE drift ALTER COLUMN detection_time SET DEFAULT now();
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                    WHERE attrelid = 'drift'::regclass AND attname = 'ended_at'
+                      AND NOT attisdropped) THEN
+        ALTER TABLE drift ADD COLUMN model_version varchar(50),
+                          ADD COLUMN peak_score double precision,
+                          ADD COLUMN ended_at timestamptz;
+        -- The old predictor's rows (one per cycle while the score stayed high) are history:
+        -- each is closed where it was written. drift is small; readings is not touched.
+        UPDATE drift SET ended_at = detection_time, peak_score = drift_score;
+    END IF;
+END
+$$;
 -- Several replicas, or a restart mid-excursion, must not open a second row for one excursion.
-CREATE UNIQUE INDEX drift_one_open_excursion_idx ON drift (model_version) WHERE ended_at IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS drift_one_open_excursion_idx
+    ON drift (model_version) WHERE ended_at IS NULL;
 
--- Scoring bookkeeping. The cursor is the last (txid, id) handed out; a claim is a handed-out
--- range not yet scored. Whoever deletes a claim row in the transaction that writes the range's
--- predictions has scored it: a claim left by a killed worker stays, and another worker takes it.
-CREATE TABLE scoring_cursor (
+-- Scoring bookkeeping (the claim protocol itself is in 0003).
+CREATE TABLE IF NOT EXISTS scoring_cursor (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     txid        xid8 NOT NULL DEFAULT '0',
     reading_id  bigint NOT NULL DEFAULT 0
 );
-INSERT INTO scoring_cursor DEFAULT VALUES;
+INSERT INTO scoring_cursor DEFAULT VALUES ON CONFLICT DO NOTHING;
 
-CREATE TABLE scoring_claims (
+CREATE TABLE IF NOT EXISTS scoring_claims (
     id          bigserial PRIMARY KEY,
     from_txid   xid8 NOT NULL,
     from_id     bigint NOT NULL,
@@ -115,55 +173,23 @@ CREATE TABLE scoring_claims (
     claimed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
--- Hand out the next range of at most batch_size readings, in (txid, id) order, taking only rows
--- whose writing transaction has ended. Returns no row when there is nothing to hand out.
-CREATE FUNCTION sp_claim_range(worker_name text, batch_size integer)
-RETURNS TABLE (claim_id bigint, from_txid xid8, from_id bigint, to_txid xid8, to_id bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    horizon xid8;
-    cur_txid xid8;
-    cur_id bigint;
-    last_txid xid8;
-    last_id bigint;
-BEGIN
-    -- Taken before this transaction locks anything (and so before it has an xid of its own):
-    -- every transaction below the horizon has ended, and none can start below it.
-    horizon := pg_snapshot_xmin(pg_current_snapshot());
-    SELECT c.txid, c.reading_id INTO cur_txid, cur_id FROM scoring_cursor c FOR UPDATE;
-    SELECT b.txid, b.id INTO last_txid, last_id
-      FROM (SELECT r.txid, r.id FROM readings r
-             WHERE (r.txid, r.id) > (cur_txid, cur_id) AND r.txid < horizon
-             ORDER BY r.txid, r.id
-             LIMIT batch_size) b
-     ORDER BY b.txid DESC, b.id DESC
-     LIMIT 1;
-    IF last_id IS NULL THEN
-        RETURN;
-    END IF;
-    UPDATE scoring_cursor SET txid = last_txid, reading_id = last_id;
-    RETURN QUERY
-        INSERT INTO scoring_claims AS s (from_txid, from_id, to_txid, to_id, worker)
-        VALUES (cur_txid, cur_id, last_txid, last_id, worker_name)
-        RETURNING s.id, s.from_txid, s.from_id, s.to_txid, s.to_id;
-END
-$$;
-
 -- Wake-up signals. One notification per statement (never per row) and never the data itself.
-CREATE FUNCTION sp_notify_readings() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION sp_notify_readings() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('sensor_readings', '');
     RETURN NULL;
 END
 $$;
+DROP TRIGGER IF EXISTS readings_notify ON readings;
 CREATE TRIGGER readings_notify AFTER INSERT ON readings
     FOR EACH STATEMENT EXECUTE FUNCTION sp_notify_readings();
 
-CREATE FUNCTION sp_notify_model() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION sp_notify_model() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('sensor_model', '');
     RETURN NULL;
 END
 $$;
+DROP TRIGGER IF EXISTS clusters_notify ON clusters;
 CREATE TRIGGER clusters_notify AFTER INSERT OR UPDATE OR DELETE ON clusters
     FOR EACH STATEMENT EXECUTE FUNCTION sp_notify_model();

@@ -29,8 +29,8 @@ $$;
 GRANT SELECT ON readings, clusters TO sensor_predictor_worker;
 -- The old trainer's notices: marked processed once their model is served.
 GRANT SELECT, UPDATE (is_processed) ON versions TO sensor_predictor_worker;
--- Claims: sp_claim_range moves the cursor (SELECT ... FOR UPDATE needs UPDATE) and inserts a
--- claim; a batch deletes its claim (DELETE ... RETURNING needs SELECT); orphans are looked up.
+-- Claims: the claim function moves the cursor (SELECT ... FOR UPDATE needs UPDATE) and inserts
+-- a claim; a batch deletes its claim (DELETE ... RETURNING needs SELECT); orphans are looked up.
 GRANT SELECT, UPDATE ON scoring_cursor TO sensor_predictor_worker;
 GRANT SELECT, INSERT, DELETE ON scoring_claims TO sensor_predictor_worker;
 -- Results, written with COPY (INSERT privilege). `sensor-predictor rescore` inserts with
@@ -42,8 +42,7 @@ GRANT SELECT, INSERT, UPDATE ON drift TO sensor_predictor_worker;
 -- The serial columns of the rows it inserts.
 GRANT USAGE ON SEQUENCE scoring_claims_id_seq, predictions_id_seq, reading_errors_id_seq,
                         drift_id_seq TO sensor_predictor_worker;
--- Functions are executable by PUBLIC by default; the claim function is the worker's alone.
-REVOKE EXECUTE ON FUNCTION sp_claim_range(text, integer) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION sp_claim_range(text, integer) TO sensor_predictor_worker;
+-- Functions are executable by PUBLIC by default; the claim functions are the worker's alone
+-- (granted where they are created, in 0003).
 -- Foreign keys (predictions/reading_errors -> readings) are checked with the privileges of the
 -- referenced table's owner: no grant on machines or failures is needed, and none is given.

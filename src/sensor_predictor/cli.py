@@ -87,12 +87,20 @@ def _positive_float(text: str) -> float:
 
 
 async def _migrate(settings: Settings) -> int:
+    import asyncpg
+    import structlog
+
     from sensor_predictor import db
-    from sensor_predictor.migrate import migrate
+    from sensor_predictor.migrate import MigrationError, migrate
 
     conn = await db.connect(settings, timeout=30)
     try:
         applied = await migrate(conn)
+    except (MigrationError, asyncpg.PostgresError) as exc:
+        structlog.get_logger("sensor_predictor.migrate").error(
+            "migrate_failed", error=f"{type(exc).__name__}: {exc}",
+            hint=getattr(exc, "hint", None))
+        return 1
     finally:
         await conn.close()
     print(f"applied={len(applied)}")

@@ -58,7 +58,10 @@ class Settings:
     drift_exit_threshold: float | None = None  # None: 0.75 x drift_threshold
     prediction_concurrency: int = 2
     heartbeat_seconds: float = 3.0
-    claim_orphan_seconds: float = 2.0
+    # A claim is taken over at once when its worker's session ends; this is the fallback for a
+    # half-open session the server has not noticed yet (its claim is then scored twice, written
+    # once).
+    claim_orphan_seconds: float = 60.0
     model_name: str = "sensor_failure_clustering"
     migrate_on_start: bool = True
     log_level: str = "info"

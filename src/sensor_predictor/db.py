@@ -1,4 +1,4 @@
-"""The database edge: named queries from sql/queries.sql, connections, and bulk writes."""
+"""The database edge: named queries from sql/queries.sql and connections."""
 
 from __future__ import annotations
 
@@ -23,12 +23,6 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     # "cannot switch to state 11; another operation (2) is in progress".
     asyncpg.InternalClientError,
 )
-
-PREDICTION_COLUMNS = (
-    "reading_id", "cluster_id", "confidence_score", "model_version", "mlflow_run_id", "model_name",
-)
-ERROR_COLUMNS = ("reading_id", "reason", "detail", "model_version")
-
 
 @cache
 def queries() -> dict[str, str]:
@@ -73,18 +67,10 @@ async def create_pool(settings: Settings, size: int,
         # rows: it then launches parallel workers (~10-30 ms to start, per batch) or JIT-compiles
         # the 20 feature casts (~30 ms). Neither pays off for a batch.
         server_settings={"application_name": "sensor-predictor", "jit": "off",
-                         "max_parallel_workers_per_gather": "0"},
+                         "max_parallel_workers_per_gather": "0",
+                         # A worker that vanished without closing its socket (a host gone, a
+                         # network path cut) is noticed by the server in ~25 s: its session
+                         # ends, and with it the locks on its claims.
+                         "tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5",
+                         "tcp_keepalives_count": "3"},
     )
-
-
-async def write_results(
-    conn: asyncpg.Connection,
-    predictions: Sequence[tuple[Any, ...]],
-    errors: Sequence[tuple[Any, ...]],
-) -> None:
-    """Bulk-write one batch's predictions and bad-reading records (COPY, one round trip each)."""
-    if predictions:
-        await conn.copy_records_to_table(
-            "predictions", records=predictions, columns=PREDICTION_COLUMNS)
-    if errors:
-        await conn.copy_records_to_table("reading_errors", records=errors, columns=ERROR_COLUMNS)

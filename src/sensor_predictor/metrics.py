@@ -95,6 +95,20 @@ class Metrics:
             registry=r)
         self.backlog = Gauge(
             "sensor_backlog_readings", "Committed readings not scored yet.", registry=r)
+        self.open_reading_transactions = Gauge(
+            "sensor_open_reading_transactions",
+            "Transactions still open that have written readings: those readings are scored "
+            "once they commit (nobody can count them before).", registry=r)
+        self.open_reading_transaction_age = Gauge(
+            "sensor_open_reading_transaction_age_seconds",
+            "Age of the oldest of those transactions (0 when there is none).", registry=r)
+        self.claims_taken_over = Counter(
+            "sensor_claims_taken_over_total",
+            "Claims taken over from a worker whose database session ended.", registry=r)
+        self.prediction_conflicts = Counter(
+            "sensor_prediction_conflicts_total",
+            "Results found already written by something else (kept, not written twice).",
+            registry=r)
         self.wakeups = Counter(
             "sensor_wakeups_total", "Drain passes started, by cause.", registry=r)
         self.batch_size = BulkHistogram(
@@ -112,8 +126,11 @@ class Metrics:
         self.drift_score.set({}, math.nan)
         self.drift_window_fill.set({}, 0)
         self.backlog.set({}, 0)
+        self.open_reading_transactions.set({}, 0)
+        self.open_reading_transaction_age.set({}, 0)
         # Every known series starts at 0, so rate() and increase() see the first event too.
-        for counter in (self.predictions, self.model_swaps, self.drift_events):
+        for counter in (self.predictions, self.model_swaps, self.drift_events,
+                        self.claims_taken_over, self.prediction_conflicts):
             counter.set({}, 0)
         for reason in BAD_READING_REASONS:
             self.bad_readings.set({"reason": reason}, 0)

@@ -16,21 +16,16 @@ from sensor_predictor.model_holder import LoadedModel
 
 @dataclass(frozen=True)
 class Claim:
-    """A range of readings, (from_txid, from_id) exclusive to (to_txid, to_id) inclusive."""
+    """Readings handed out to this session (sp_claim), or taken over from a dead one."""
 
     claim_id: int
-    from_txid: int
-    from_id: int
-    to_txid: int
-    to_id: int
+    reading_ids: list[int]
+    previous_worker: str | None = None  # set when taken over
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Claim:
-        return cls(r["claim_id"], r["from_txid"], r["from_id"], r["to_txid"], r["to_id"])
-
-    @property
-    def bounds(self) -> tuple[int, int, int, int]:
-        return self.from_txid, self.from_id, self.to_txid, self.to_id
+        previous = r.get("previous_worker")
+        return cls(r["claim_id"], list(r["reading_ids"]), previous)
 
 
 @dataclass(frozen=True)
@@ -41,24 +36,39 @@ class BatchResult:
     latencies: npt.NDArray[np.float64]  # seconds, insert to commit, one per prediction
     duration: float  # seconds, read to commit
     slow_path: bool
+    conflicts: int = 0  # results already there, kept (see score_claim)
 
     @property
     def size(self) -> int:
         return int(self.labels.size) + len(self.bad)
 
 
-async def claim_next(conn: asyncpg.Connection, worker: str, batch_size: int) -> Claim | None:
-    record = await conn.fetchrow(db.queries()["claim_range"], worker, batch_size)
-    return None if record is None else Claim.from_record(record)
+class Progress:
+    """sp_claim moved on without handing out work (adopted rows the old predictor scored)."""
 
 
-async def find_orphan(conn: asyncpg.Connection, older_than_seconds: float) -> Claim | None:
-    record = await conn.fetchrow(db.queries()["find_orphan_claim"], older_than_seconds)
-    return None if record is None else Claim.from_record(record)
+PROGRESS = Progress()
 
 
-async def waiting_behind_horizon(conn: asyncpg.Connection) -> bool:
-    return bool(await conn.fetchval(db.queries()["waiting_behind_horizon"]))
+async def claim_next(conn: asyncpg.Connection, worker: str, batch_size: int
+                     ) -> Claim | Progress | None:
+    """The next claim; PROGRESS when the cursor moved but nothing is to be scored; None when
+    nothing new is there."""
+    record = await conn.fetchrow(db.queries()["claim"], worker, batch_size)
+    if record is None:
+        return None
+    if record["claim_id"] is None:
+        return PROGRESS
+    return Claim.from_record(record)
+
+
+async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float
+                      ) -> tuple[Claim, float] | None:
+    """A claim whose owner's session is gone, now ours; with how old it was (seconds)."""
+    record = await conn.fetchrow(db.queries()["take_orphan"], worker, fallback_seconds)
+    if record is None:
+        return None
+    return Claim.from_record(record), float(record["age_seconds"])
 
 
 async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
@@ -66,11 +76,11 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     """Ids to predict, their features and ages (seconds since insert), bad readings, slow path."""
     names = model.feature_names
     try:
-        rows = await conn.fetch(model.read_query, *claim.bounds)
+        rows = await conn.fetch(model.read_query, claim.reading_ids)
     except asyncpg.DataError:
         # A value PostgreSQL cannot cast (a word, a boolean, beyond float8): read this range's
         # JSON and check each reading in Python. Rare, and only this batch pays for it.
-        raw_rows = await conn.fetch(db.queries()["read_range_raw"], *claim.bounds)
+        raw_rows = await conn.fetch(db.queries()["read_range_raw"], claim.reading_ids)
         ages_by_id = {r["id"]: r["age_seconds"] for r in raw_rows}
         ids, matrix, bad = features.parse_raw([(r["id"], r["raw"]) for r in raw_rows], names)
         return ids, matrix, bad, [ages_by_id[i] for i in ids], True
@@ -94,26 +104,31 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
 
 async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
                       ) -> BatchResult | None:
-    """Score a claimed range with `model`; None when another worker scored it meanwhile."""
+    """Score a claim with `model`; None when another worker scored it meanwhile."""
     started = time.perf_counter()
     ids, matrix, bad, ages, slow = await _read(conn, claim, model)
     labels, confidence = model.predict(matrix)
     conf_list: list[float | None] = (confidence.tolist() if confidence is not None
                                      else [None] * len(ids))
-    version, run_id, name = model.version, model.run_id, model.model_name
-    predictions = [
-        (reading_id, cluster, conf, version, run_id, name)
-        for reading_id, cluster, conf in zip(ids, labels.tolist(), conf_list, strict=True)
-    ]
-    errors = [(b.reading_id, b.reason, b.detail, version) for b in bad]
-    # The claim row is deleted in the transaction that writes the results, so the range is
+    args = (claim.claim_id, ids, labels.tolist(), conf_list, model.version, model.run_id,
+            model.model_name, [b.reading_id for b in bad], [b.reason for b in bad],
+            [b.detail for b in bad])
+    # The claim row is deleted by the statement that writes the results, so the claim is
     # scored exactly once: a crash before the commit leaves the claim for someone to redo,
     # and a worker that finds it already gone writes nothing.
-    async with conn.transaction():
-        if await conn.fetchval(db.queries()["take_claim"], claim.claim_id) is None:
-            return None
-        await db.write_results(conn, predictions, errors)
+    conflicts = 0
+    try:
+        taken = await conn.fetchval(db.queries()["write_claim"], *args)
+    except asyncpg.UniqueViolationError:
+        # A result for one of these readings with this model version exists already: written
+        # by something else than the claim protocol (the old predictor still running, a manual
+        # insert). Keep it, write the rest, and say so.
+        row = await conn.fetchrow(db.queries()["write_claim_tolerant"], *args)
+        taken = row["taken"]
+        conflicts = len(ids) + len(bad) - int(row["written"]) if taken else 0
+    if not taken:
+        return None
     committed = time.perf_counter()
     latencies = np.asarray(ages, dtype=np.float64) + (committed - started)
     return BatchResult(model=model, labels=labels, bad=bad, latencies=latencies,
-                       duration=committed - started, slow_path=slow)
+                       duration=committed - started, slow_path=slow, conflicts=conflicts)

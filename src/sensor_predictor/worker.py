@@ -23,21 +23,20 @@ from sensor_predictor.metrics import Metrics, MetricsServer
 from sensor_predictor.migrate import migrate
 from sensor_predictor.model_holder import LoadedModel, ModelHolder, configure_mlflow
 from sensor_predictor.scoring import (
+    PROGRESS,
     BatchResult,
     Claim,
     claim_next,
-    find_orphan,
     score_claim,
-    waiting_behind_horizon,
+    take_orphan,
 )
 
 log = structlog.get_logger("sensor_predictor.worker")
 
 BACKLOG_REFRESH_SECONDS = 5.0
-ORPHAN_CHECK_SECONDS = 1.0
-# Readings held back by a running transaction are re-checked at most this far apart: soon
-# enough for a writer's transaction, gentle enough for an idle-in-transaction session.
-BLOCKED_WAIT_MAX_SECONDS = 0.2
+# How often a lane looks for claims whose worker's session has ended (a free advisory lock; one
+# cheap scan of the few claims in flight). A lane also looks when it starts.
+ORPHAN_CHECK_SECONDS = 0.25
 # Behind (the last claim came back full), a lane doubles its claim up to this many times
 # PREDICTION_BATCH_SIZE: a backlog drains in fewer, larger batches (each batch costs ~8 round
 # trips whatever its size); caught up, it is back to PREDICTION_BATCH_SIZE.
@@ -68,7 +67,6 @@ class Worker:
             weakref.WeakKeyDictionary())
         self._lost_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
-        self._next_orphan_check = 0.0
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
 
     # -- signals from the outside ----------------------------------------------------------
@@ -243,14 +241,28 @@ class Worker:
         self._update_ready()
 
     async def _watch_backlog(self) -> None:
+        """The backlog gauge, and the transactions still open that hold readings back."""
         assert self.pool is not None
+        first_seen: dict[str, float] = {}
         while True:
+            started = time.monotonic()
             try:
                 backlog = await self.pool.fetchval(db.queries()["backlog"])
                 self.metrics.backlog.set({}, int(backlog))
+                rows = await self.pool.fetch(db.queries()["open_reading_transactions"])
+                now = time.monotonic()
+                # Where the server hides a transaction's start (another role's session), its
+                # age is at least how long this worker has seen it open.
+                first_seen = {r["vxid"]: first_seen.get(r["vxid"], now) for r in rows}
+                ages = [max(r["age_seconds"] or 0.0, now - first_seen[r["vxid"]]) for r in rows]
+                self.metrics.open_reading_transactions.set({}, len(rows))
+                self.metrics.open_reading_transaction_age.set({}, max(ages, default=0.0))
             except db.UNAVAILABLE:
                 pass
-            await asyncio.sleep(BACKLOG_REFRESH_SECONDS)
+            # A big backlog (an adopted database) takes a while to count: never more than a
+            # tenth of this task's time.
+            took = time.monotonic() - started
+            await asyncio.sleep(max(BACKLOG_REFRESH_SECONDS, 10 * took))
 
     # -- the drain loop ---------------------------------------------------------------------
 
@@ -283,45 +295,55 @@ class Worker:
     async def _lane(self) -> None:
         """Claim and score batches until none is left (or shutdown); one of several in parallel."""
         assert self.pool is not None
-        blocked_wait = 0.001
         size = self.settings.prediction_batch_size
-        while not self._stopping.is_set():
-            model = self.holder.current
-            if model is None:
-                return  # no model yet: readings wait, nothing is claimed
-            async with self.pool.acquire() as conn:
-                claim = await self._next_claim(conn, size)
+        next_orphan_check = 0.0
+        # One connection for the whole pass: a release per batch costs a reset round trip. The
+        # claim's advisory lock belongs to this session; the next claim releases it.
+        async with self.pool.acquire() as conn:
+            while not self._stopping.is_set():
+                model = self.holder.current
+                if model is None:
+                    return  # no model yet: readings wait, nothing is claimed
+                claim: Claim | None = None
+                if time.monotonic() >= next_orphan_check:
+                    next_orphan_check = time.monotonic() + ORPHAN_CHECK_SECONDS
+                    claim = await self._take_orphan(conn)
+                    if claim is not None:
+                        next_orphan_check = 0.0  # there may be more
                 if claim is None:
-                    if not await waiting_behind_horizon(conn):
+                    handed = await claim_next(conn, self.name, size)
+                    if handed is None:
                         return
-                    # Committed readings sit behind a transaction that is still running; it
-                    # will end soon (or this pass's other lanes will take them).
-                    await asyncio.sleep(blocked_wait)
-                    blocked_wait = min(blocked_wait * 2, BLOCKED_WAIT_MAX_SECONDS)
-                    continue
-                blocked_wait = 0.001
+                    if handed is PROGRESS:
+                        continue
+                    assert isinstance(handed, Claim)
+                    claim = handed
                 result = await score_claim(conn, claim, model)
-            if result is not None:
-                self._record(result)
-                base = self.settings.prediction_batch_size
-                size = min(size * 2, base * DRAIN_BATCH_FACTOR) if result.size >= size else base
+                if result is not None:
+                    self._record(result)
+                    size = next_batch_size(size, result.size,
+                                           self.settings.prediction_batch_size)
 
-    async def _next_claim(self, conn: asyncpg.Connection, size: int) -> Claim | None:
-        now = time.monotonic()
-        if now >= self._next_orphan_check:
-            self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
-            orphan = await find_orphan(conn, self.settings.claim_orphan_seconds)
-            if orphan is not None:
-                log.warning("orphan_claim_recovered", claim=orphan.claim_id,
-                            from_id=orphan.from_id, to_id=orphan.to_id)
-                self._next_orphan_check = now  # there may be more
-                return orphan
-        return await claim_next(conn, self.name, size)
+    async def _take_orphan(self, conn: asyncpg.Connection) -> Claim | None:
+        taken = await take_orphan(conn, self.name, self.settings.claim_orphan_seconds)
+        if taken is None:
+            return None
+        claim, age = taken
+        self.metrics.claims_taken_over.inc({})
+        log.warning("orphan_claim_recovered", claim=claim.claim_id,
+                    readings=len(claim.reading_ids), previous_worker=claim.previous_worker,
+                    claim_age_s=round(age, 3))
+        return claim
 
     def _record(self, result: BatchResult) -> None:
         model = result.model
         m = self.metrics
         m.count_batch(result.labels, model.n_clusters)
+        if result.conflicts:
+            m.prediction_conflicts.add({}, result.conflicts)
+            log.error("prediction_conflict", kept=result.conflicts, model_version=model.version,
+                      note="results for these readings and this model version existed already "
+                           "(is the old predictor still running?): kept, not written twice")
         m.latency.observe_many({}, result.latencies)
         m.batch_size.observe({}, result.size)
         m.batch_duration.observe({}, result.duration)
@@ -334,6 +356,14 @@ class Worker:
         log.debug("batch_scored", rows=result.size, bad=len(result.bad),
                   model_version=model.version, ms=round(result.duration * 1000, 2),
                   slow_path=result.slow_path)
+
+
+def next_batch_size(current: int, scored: int, base: int) -> int:
+    """Adaptive claims: a lane whose last claim came back full is behind, and doubles its claim
+    (up to DRAIN_BATCH_FACTOR x the configured size); one that is caught up is back to it."""
+    if scored >= current:
+        return min(current * 2, base * DRAIN_BATCH_FACTOR)
+    return base
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109

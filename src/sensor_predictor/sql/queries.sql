@@ -1,34 +1,70 @@
 -- Named queries: each starts with a "-- name: <name>" line. Loaded by db.py.
 
--- name: claim_range
--- The next range of readings to score (see sp_claim_range in migrations/0001_initial.sql).
-SELECT claim_id, from_txid, from_id, to_txid, to_id FROM sp_claim_range($1, $2);
+-- name: claim
+-- The next readings to score (see sp_claim in migrations/0003_snapshot_claims.sql).
+SELECT claim_id, reading_ids FROM sp_claim($1, $2);
 
--- name: find_orphan_claim
--- A range handed out more than $1 seconds ago and not yet scored: its worker died or stalls.
-SELECT id AS claim_id, from_txid, from_id, to_txid, to_id
-  FROM scoring_claims
- WHERE claimed_at < clock_timestamp() - make_interval(secs => $1)
- ORDER BY id
- LIMIT 1;
+-- name: take_orphan
+-- A claim whose worker's session has ended, taken over by this session (sp_take_orphan).
+SELECT claim_id, reading_ids, previous_worker, age_seconds FROM sp_take_orphan($1, $2);
 
--- name: take_claim
--- Run in the transaction that writes the range's results: whoever deletes the claim scored it.
-DELETE FROM scoring_claims WHERE id = $1 RETURNING id;
+-- name: write_claim
+-- The claim and its results in one statement (autocommit, so one transaction and one round
+-- trip): whoever deletes the claim row scored it; a worker that finds it gone writes nothing.
+WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 RETURNING id),
+     written AS (
+         INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
+                                  mlflow_run_id, model_name)
+         SELECT u.reading_id, u.cluster_id, u.confidence, $5, $6, $7
+           FROM unnest($2::bigint[], $3::integer[], $4::float8[])
+                AS u(reading_id, cluster_id, confidence)
+          WHERE EXISTS (SELECT 1 FROM taken)
+         RETURNING 1),
+     failed AS (
+         INSERT INTO reading_errors (reading_id, reason, detail, model_version)
+         SELECT e.reading_id, e.reason, e.detail, $5
+           FROM unnest($8::bigint[], $9::text[], $10::text[]) AS e(reading_id, reason, detail)
+          WHERE EXISTS (SELECT 1 FROM taken)
+         RETURNING 1)
+SELECT count(*) FROM taken;  -- a data-modifying WITH runs to completion, referenced or not
 
--- name: waiting_behind_horizon
--- Committed readings beyond the cursor that could not be handed out yet, because a transaction
--- that started before them is still running.
--- One probe of readings_txid_id_idx from the cursor (LATERAL, ORDER BY the index, LIMIT 1).
--- Without the ORDER BY the planner seq-scans readings hoping to meet a row early; when nothing
--- is waiting (the end of every pass) that reads the whole table.
-SELECT EXISTS (
-    SELECT 1 FROM scoring_cursor c,
-           LATERAL (SELECT 1 FROM readings r
-                     WHERE (r.txid, r.id) > (c.txid, c.reading_id)
-                     ORDER BY r.txid, r.id
-                     LIMIT 1) waiting
-);
+-- name: write_claim_tolerant
+-- write_claim for a batch that met a result already there (someone else wrote predictions for
+-- these readings with this model version): those are kept, the rest is written.
+WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 RETURNING id),
+     written AS (
+         INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
+                                  mlflow_run_id, model_name)
+         SELECT u.reading_id, u.cluster_id, u.confidence, $5, $6, $7
+           FROM unnest($2::bigint[], $3::integer[], $4::float8[])
+                AS u(reading_id, cluster_id, confidence)
+          WHERE EXISTS (SELECT 1 FROM taken)
+         ON CONFLICT (reading_id, model_version) DO NOTHING
+         RETURNING 1),
+     failed AS (
+         INSERT INTO reading_errors (reading_id, reason, detail, model_version)
+         SELECT e.reading_id, e.reason, e.detail, $5
+           FROM unnest($8::bigint[], $9::text[], $10::text[]) AS e(reading_id, reason, detail)
+          WHERE EXISTS (SELECT 1 FROM taken)
+         ON CONFLICT (reading_id, model_version) DO NOTHING
+         RETURNING 1)
+SELECT (SELECT count(*) FROM taken) AS taken,
+       (SELECT count(*) FROM written) + (SELECT count(*) FROM failed) AS written;
+
+-- name: open_reading_transactions
+-- Transactions still open that have written to readings: their readings are scored as soon as
+-- they commit (nobody can see or count the rows of a transaction before it commits). The age
+-- is NULL where pg_stat_activity hides xact_start (another role's session).
+SELECT l.virtualtransaction AS vxid,
+       extract(epoch FROM clock_timestamp() - COALESCE(a.xact_start, p.prepared))::float8
+           AS age_seconds
+  FROM pg_locks l
+  LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+  LEFT JOIN pg_prepared_xacts p
+         ON l.pid IS NULL AND l.virtualtransaction = '-1/' || p.transaction::text
+ WHERE l.locktype = 'relation' AND l.relation = 'readings'::regclass
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.mode = 'RowExclusiveLock' AND l.granted;
 
 -- name: read_range
 -- {features} is filled with one feature_expression per model feature, in the model's order.
@@ -37,8 +73,8 @@ SELECT r.id,
        ARRAY[{features}]::float8[] AS features,
        extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
   FROM readings r
- WHERE (r.txid, r.id) > ($1, $2) AND (r.txid, r.id) <= ($3, $4)
- ORDER BY r.txid, r.id;
+ WHERE r.id = ANY($1::bigint[])
+ ORDER BY r.id;
 
 -- name: feature_expression
 (r."values" ->> {key})::float8
@@ -50,8 +86,8 @@ SELECT r.id,
        r."values"::text AS raw,
        extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
   FROM readings r
- WHERE (r.txid, r.id) > ($1, $2) AND (r.txid, r.id) <= ($3, $4)
- ORDER BY r.txid, r.id;
+ WHERE r.id = ANY($1::bigint[])
+ ORDER BY r.id;
 
 -- name: read_raw_values
 SELECT id, "values"::text AS raw FROM readings WHERE id = ANY($1::bigint[]);
@@ -70,13 +106,8 @@ UPDATE versions SET is_processed = true
    AND id <= COALESCE((SELECT max(id) FROM versions WHERE run_id = $1), 0);
 
 -- name: backlog
--- Readings not scored yet: beyond the cursor, or inside a range handed out but not written.
-SELECT (SELECT count(*) FROM readings r, scoring_cursor c
-         WHERE (r.txid, r.id) > (c.txid, c.reading_id))
-     + (SELECT COALESCE(sum(n), 0) FROM scoring_claims s,
-               LATERAL (SELECT count(*) AS n FROM readings r
-                         WHERE (r.txid, r.id) > (s.from_txid, s.from_id)
-                           AND (r.txid, r.id) <= (s.to_txid, s.to_id)) c)::bigint AS backlog;
+-- Readings not scored yet (sp_backlog in migrations/0003_snapshot_claims.sql).
+SELECT sp_backlog() AS backlog;
 
 -- name: open_drift_excursion
 SELECT id FROM drift WHERE model_version = $1 AND ended_at IS NULL;
