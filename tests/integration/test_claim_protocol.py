@@ -1,0 +1,168 @@
+"""The claim protocol itself (sp_claim, sp_take_orphan), driven from SQL against a real server:
+what is handed out, when, and that nothing is handed out twice or never."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+
+import asyncpg
+import pytest
+
+from tests.conftest import Database, insert_readings, reading
+from tests.support import PgServer, drop_database, wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _claim_all(conn: asyncpg.Connection, batch: int = 50) -> list[int]:
+    """Claim until nothing new; 'score' each claim by deleting it. Returns the ids handed out."""
+    out: list[int] = []
+    while True:
+        row = await conn.fetchrow("SELECT claim_id, reading_ids FROM sp_claim('t', $1)", batch)
+        if row is None:
+            return out
+        if row["claim_id"] is None:
+            continue
+        out.extend(row["reading_ids"])
+        await conn.execute("DELETE FROM scoring_claims WHERE id = $1", row["claim_id"])
+
+
+async def test_a_transaction_open_in_another_database_holds_nothing_back(
+        pg_server: PgServer, database: Database, conn: asyncpg.Connection) -> None:
+    other = f"sp_other_{uuid.uuid4().hex[:8]}"
+    admin = await pg_server.connect()
+    await admin.execute(f'CREATE DATABASE "{other}"')
+    await admin.close()
+    foreign = await pg_server.connect(other)
+    try:
+        tx = foreign.transaction()
+        await tx.start()
+        await foreign.execute("SELECT pg_current_xact_id()")  # a write transaction, left open
+        ids = await insert_readings(conn, [reading(i) for i in range(120)])
+        assert sorted(await _claim_all(conn)) == ids
+        await tx.commit()
+    finally:
+        await foreign.close()
+        await drop_database(pg_server, other)
+
+
+async def test_an_open_writer_is_handed_out_when_it_commits_and_others_meanwhile(
+        database: Database, conn: asyncpg.Connection) -> None:
+    slow = await database.connect()
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        early = await insert_readings(slow, [reading(i) for i in range(5)], machine="slow")
+        later = await insert_readings(conn, [reading(i) for i in range(7)])
+        assert sorted(await _claim_all(conn)) == later  # not the open transaction's rows
+        assert await _claim_all(conn) == []
+        await tx.commit()
+        assert sorted(await _claim_all(conn)) == early  # as soon as it has committed
+    finally:
+        await slow.close()
+
+
+async def test_rolled_back_rows_are_never_handed_out(
+        database: Database, conn: asyncpg.Connection) -> None:
+    other = await database.connect()
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await insert_readings(other, [reading(1)], machine="gone")
+        kept = await insert_readings(conn, [reading(2)])
+        await tx.rollback()
+        assert await _claim_all(conn) == kept
+    finally:
+        await other.close()
+
+
+@pytest.mark.timeout(120)
+async def test_interleaved_writers_commits_and_aborts_are_handed_out_exactly_once(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """Writers that take ids early and commit late, abort, or stay open across many claims;
+    claims interleaved at random: every committed reading is handed out exactly once."""
+    rnd = random.Random(11)
+    writers = [await database.connect() for _ in range(6)]
+    machine = await conn.fetchval("INSERT INTO machines (machine_id) VALUES ('w') RETURNING id")
+    open_tx: dict[int, tuple[asyncpg.transaction.Transaction, list[int]]] = {}
+    committed: list[int] = []
+    handed: list[int] = []
+    insert = 'INSERT INTO readings ("values", machine_id) VALUES ($1::jsonb, $2) RETURNING id'
+    try:
+        for step in range(600):
+            w = rnd.randrange(len(writers))
+            action = rnd.random()
+            if w not in open_tx:
+                tx = writers[w].transaction()
+                await tx.start()
+                if rnd.random() < 0.3:  # a sequence value before the transaction has an xid
+                    await writers[w].fetchval("SELECT nextval('readings_id_seq')")
+                open_tx[w] = (tx, [])
+            tx, ids = open_tx[w]
+            if action < 0.5:
+                ids.append(await writers[w].fetchval(insert, json.dumps(reading(step)), machine))
+            elif action < 0.8:
+                await tx.commit()
+                committed.extend(ids)
+                del open_tx[w]
+            elif action < 0.85:
+                await tx.rollback()
+                del open_tx[w]
+            if rnd.random() < 0.4:
+                handed.extend(await _claim_all(conn, batch=rnd.choice([1, 3, 10])))
+        for tx, ids in open_tx.values():
+            await tx.commit()
+            committed.extend(ids)
+        handed.extend(await _claim_all(conn))
+    finally:
+        for c in writers:
+            await c.close()
+    assert len(handed) == len(set(handed)), "a reading was handed out twice"
+    assert sorted(handed) == sorted(committed)
+    assert len(committed) > 100
+
+
+async def test_a_claim_is_taken_over_once_its_session_ends_and_never_while_it_lives(
+        database: Database, conn: asyncpg.Connection) -> None:
+    ids = await insert_readings(conn, [reading(i) for i in range(10)])
+    owner = await database.connect()
+    claim = await owner.fetchrow("SELECT claim_id, reading_ids FROM sp_claim('owner', 100)")
+    assert claim["reading_ids"] == ids
+    # Alive, however slow: left alone, until the long half-open fallback.
+    await asyncio.sleep(0.3)
+    assert await conn.fetchrow("SELECT * FROM sp_take_orphan('taker', 60)") is None
+    fallback = await conn.fetchrow("SELECT * FROM sp_take_orphan('taker', 0.2)")
+    assert fallback is not None and fallback["claim_id"] == claim["claim_id"]
+    # The fallback restarts the claim's clock: one taker at a time.
+    assert await conn.fetchrow("SELECT * FROM sp_take_orphan('taker', 0.2)") is None
+    await owner.close()  # the session ends: its lock goes with it
+
+    async def take() -> asyncpg.Record | None:
+        return await conn.fetchrow("SELECT * FROM sp_take_orphan('taker', 60)")
+
+    taken = await wait_for(take, timeout=2)
+    assert taken is not None and taken["claim_id"] == claim["claim_id"]
+    assert taken["previous_worker"] == "owner" and taken["reading_ids"] == ids
+    # Now it is the taker's, and a third worker cannot take it from a live taker.
+    third = await database.connect()
+    try:
+        assert await third.fetchrow("SELECT * FROM sp_take_orphan('third', 60)") is None
+    finally:
+        await third.close()
+
+
+async def test_the_backlog_counts_what_is_waiting_claimed_or_not(
+        database: Database, conn: asyncpg.Connection) -> None:
+    await insert_readings(conn, [reading(i) for i in range(30)])
+    assert await conn.fetchval("SELECT sp_backlog()") == 30
+    first = await conn.fetchrow("SELECT claim_id, reading_ids FROM sp_claim('t', 10)")
+    assert await conn.fetchval("SELECT sp_backlog()") == 30  # 10 claimed, 20 in the interval
+    await conn.execute("DELETE FROM scoring_claims WHERE id = $1", first["claim_id"])
+    assert await conn.fetchval("SELECT sp_backlog()") == 20
+    await _claim_all(conn)
+    assert await conn.fetchval("SELECT sp_backlog()") == 0
+    await insert_readings(conn, [reading(i) for i in range(4)])
+    assert await conn.fetchval("SELECT sp_backlog()") == 4
