@@ -89,13 +89,15 @@ def pg_ctl(server: PgServer, action: str) -> None:
     assert server.datadir is not None
     run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     opts = (f"-p {server.port} -k {server.datadir} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c max_connections=200")
+            "-c fsync=off -c max_connections=200 -c max_prepared_transactions=10")
     args = [*run_as, _pg_bin("pg_ctl"), "-D", str(server.datadir), "-w", "-t", "60",
             "-l", str(server.datadir / "server.log")]
     if action == "start":
         args += ["-o", opts, "start"]
     elif action == "stop":
         args += ["-m", "fast", "stop"]
+    elif action == "crash":  # every server process quits at once: no checkpoint, WAL buffers lost
+        args += ["-m", "immediate", "stop"]
     else:
         args += [action]
     subprocess.run(args, check=True, capture_output=True)

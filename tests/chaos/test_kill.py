@@ -60,7 +60,9 @@ async def test_sigkill_at_random_moments_of_a_stream(
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
     await activate(conn, *chaos_models.v1)
-    env = {"PREDICTION_BATCH_SIZE": "50"}  # CLAIM_ORPHAN_SECONDS stays at its default, 2 s
+    # CLAIM_ORPHAN_SECONDS stays at its default (60 s, the half-open fallback): a killed
+    # worker's claims are taken over because its session ended.
+    env = {"PREDICTION_BATCH_SIZE": "50"}
     writer = StreamWriter(chaos_db.server, chaos_db.name, rows=20, pause=0.02).start()
     rnd = random.Random(20)
     worker = workers.start(**env)
@@ -71,7 +73,7 @@ async def test_sigkill_at_random_moments_of_a_stream(
         await asyncio.sleep(rnd.uniform(0.05, 1.5))
         worker.signal(signal.SIGKILL)
         await asyncio.to_thread(worker.wait, 10)
-        orphaned = await conn.fetch("SELECT from_id, to_id FROM scoring_claims")
+        orphaned = await conn.fetch("SELECT id FROM scoring_claims")
         restarted = time.monotonic()
         mark = writer.stats.max_id  # everything committed before the restart
         worker = workers.start(**env)

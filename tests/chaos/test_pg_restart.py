@@ -145,3 +145,51 @@ async def test_postgres_restart_mid_stream_worker_catches_up_without_restart(
                    + "/".join(f"{x:.2f}" for x in caught_up) + " s"))
     assert max(first_prediction) <= CATCH_UP_SECONDS, first_prediction
     assert max(backlog_after) <= CATCH_UP_SECONDS, backlog_after
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_an_immediate_shutdown_mid_stream_loses_and_doubles_nothing(
+        chaos_db: Database, chaos_models: Models, workers: Workers, report: Any) -> None:
+    """A claim commits without waiting for the disk; its results' commit does wait, and comes
+    later in the WAL. An immediate shutdown (every server process quits at once, WAL buffers not
+    written yet are gone) must then lose a claim only together with its results."""
+    server = chaos_db.server
+    conn = await chaos_db.connect()
+    await activate(conn, *chaos_models.v1)
+    await conn.close()
+    # Small batches: many claims a second, so that each crash lands among claims in flight.
+    worker = workers.start(PREDICTION_BATCH_SIZE="20", INFERENCE_INTERVAL_SECONDS="300")
+    await asyncio.to_thread(worker.wait_ready)
+    writer = StreamWriter(server, chaos_db.name, rows=50, pause=0.005,
+                          tolerate_outage=True).start()
+    crashes = 3
+    recovered: list[float] = []
+    for _ in range(crashes):
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(pg_ctl, server, "crash")
+        await asyncio.to_thread(pg_ctl, server, "start")
+        up = time.monotonic()
+        conn = await _connect(chaos_db)
+        try:
+            mark = writer.stats.max_id
+            while await unscored(conn, up_to=mark) > 0:
+                assert time.monotonic() - up < 60, worker.logs()[-3000:]
+                await asyncio.sleep(0.02)
+            recovered.append(time.monotonic() - up)
+        finally:
+            await conn.close()
+    stats = await writer.stop()
+    conn = await _connect(chaos_db)
+    try:
+        assert await wait_settled(conn, 30), worker.logs()[-3000:]
+        outcome = await check_invariant(conn, served(chaos_models.v1))
+    finally:
+        await conn.close()
+    t = outcome.tally
+    assert stats.committed <= t.readings <= stats.committed + stats.ambiguous, (stats, t)
+    report(scenario="2b. PostgreSQL immediate shutdown mid-stream", runs=crashes,
+           readings=t.readings, lost=outcome.lost, duplicated=outcome.duplicated,
+           recovery="backlog 0 " + "/".join(f"{x:.2f}" for x in recovered)
+                    + " s after the server was back",
+           detail=f"writer committed {stats.committed}, {stats.ambiguous} rows ambiguous")

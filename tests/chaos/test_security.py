@@ -36,6 +36,9 @@ EXPECTED_RELATION_GRANTS = {
 }
 EXPECTED_COLUMN_GRANTS = {
     ("versions", "is_processed", "UPDATE"),
+    # a claim taken over from a worker whose session ended gets its new owner
+    ("scoring_claims", "worker", "UPDATE"), ("scoring_claims", "pid", "UPDATE"),
+    ("scoring_claims", "claimed_at", "UPDATE"), ("scoring_claims", "takeovers", "UPDATE"),
     # rescore's INSERT ... ON CONFLICT (reading_id, model_version) DO NOTHING reads them
     ("predictions", "reading_id", "SELECT"), ("predictions", "model_version", "SELECT"),
     ("reading_errors", "reading_id", "SELECT"), ("reading_errors", "model_version", "SELECT"),
@@ -65,10 +68,11 @@ async def test_the_worker_role_is_granted_exactly_what_the_worker_needs(
         "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace"
         " AND has_function_privilege($1, p.oid, 'EXECUTE')", WORKER_ROLE)}
     # Trigger functions stay executable by PUBLIC (PostgreSQL's default; a trigger fires
-    # whatever the inserting role may execute); the claim function is the worker's alone.
-    assert "sp_claim_range" in executable
-    assert not await conn.fetchval(
-        "SELECT has_function_privilege('public', 'sp_claim_range(text, integer)', 'EXECUTE')")
+    # whatever the inserting role may execute); the claim functions are the worker's alone.
+    assert {"sp_claim", "sp_take_orphan", "sp_backlog"} <= executable
+    for signature in ("sp_claim(text, integer)", "sp_take_orphan(text, double precision)"):
+        assert not await conn.fetchval(
+            "SELECT has_function_privilege('public', $1, 'EXECUTE')", signature)
     # No DDL: no CREATE on the schema or the database, owns nothing.
     assert not await conn.fetchval("SELECT has_schema_privilege($1, 'public', 'CREATE')",
                                    WORKER_ROLE)
@@ -98,9 +102,9 @@ FORBIDDEN = [
     "INSERT INTO clusters (mlflow_run_id, is_active) VALUES ('x', true)",
     "UPDATE versions SET version = 'x'",
     "DELETE FROM drift",
-    "UPDATE scoring_claims SET worker = 'x'",
+    "UPDATE scoring_claims SET reading_ids = '{}'",
     "SELECT count(*) FROM schema_migrations",
-    "DROP FUNCTION sp_claim_range(text, integer)",
+    "DROP FUNCTION sp_claim(text, integer)",
     "CREATE FUNCTION evil() RETURNS int LANGUAGE sql AS 'SELECT 1'",
 ]
 
