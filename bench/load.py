@@ -203,6 +203,11 @@ async def produce(dsn: dict[str, object], producer: Producer, rate: float, secon
 
     try:
         await asyncio.gather(*(lane(c) for c in conns))
+        # On schedule, the last statement went out one interval before the end: the run still
+        # lasts `seconds`, or the rate would read high (by a whole statement at low rates).
+        left = t0 + seconds - time.monotonic()
+        if left > 0 and not math.isinf(rate) and not (stop is not None and stop.is_set()):
+            await asyncio.sleep(left)
     finally:
         for c in conns:
             await c.close()

@@ -241,9 +241,10 @@ def summary(r: dict[str, Any]) -> str:
     st = live.get("stepup")
     if st:
         lines += ["", "## Rate step-up (backlog = the product's backlog query, sampled 2/s)", "",
-                  f"Producer {st.get('producer', '?')}. Bounded: scored >= 97 % of what was "
-                  "written, and the backlog in the second half of the step under max(2,000, "
-                  "0.5 s of writes). The step-up stops after the first step not bounded.", "",
+                  f"Producer {st.get('producer', '?')}. Bounded: the backlog in the second "
+                  "half of the step under max(2,000, 0.5 s of writes), and the worker's counter "
+                  ">= 90 % of what was written. The step-up stops after the first step not "
+                  "bounded.", "",
                   "| target | produced | consumed | backlog max / end | bounded |",
                   "|---|---|---|---|---|"]
         for s in st["steps"]:

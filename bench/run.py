@@ -550,11 +550,14 @@ class Bench:
             late = [s for s in inside if s[0] >= start + (end - start) / 2]
             consumed = ((inside[-1][2] - inside[0][2]) / (inside[-1][0] - inside[0][0])
                         if len(inside) >= 2 else float("nan"))
-            # Bounded: the worker scored (nearly) what was written, and the backlog in the
-            # second half of the step stayed under half a second of writes.
+            # Bounded: the backlog in the second half of the step stayed under half a second of
+            # writes (then the worker consumed what was written: a backlog that does not grow
+            # says so more exactly than two samples of its counter, which at a few large
+            # statements a second are off by a statement).
+            # The counter still guards against a backlog query that stopped seeing readings.
             bound = max(2000, 0.5 * rate)
             bounded = (bool(late) and max(s[1] for s in late) <= bound
-                       and consumed >= 0.97 * prod.rate)
+                       and consumed >= 0.9 * prod.rate)
             steps.append({
                 "target_rate": rate, "connections": conns, "produced_rate": round(prod.rate),
                 "producer_reached_target": prod.rate >= 0.95 * rate,
