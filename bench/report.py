@@ -265,7 +265,7 @@ def summary(r: dict[str, Any]) -> str:
                   "supervisor would. First prediction: the first commit of a prediction whose "
                   "scoring transaction began after the kill.", "",
                   "| kill | -> first prediction | spawn -> ready | kill -> model loaded | "
-                  "new worker's predictions by then |", "|---|---|---|---|---|"]
+                  "new worker's counter just after |", "|---|---|---|---|---|"]
         for i, k in enumerate(rs["kills"], 1):
             lines.append(f"| {i} | {_fmt(k['to_first_prediction_s'])} s | "
                          f"{_fmt(k['spawn_to_ready_s'])} s | "
@@ -358,6 +358,13 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 ax.plot([max(p[0], 0.01) for p in pts], [p[1] for p in pts], style, color=c,
                         lw=1.6 if kind == "insert_to_commit" else 1.1,
                         label=f"{s['target_rate']:,}/s: {what}")
+    ft = live.get("foreign_transaction")
+    for case, colour in (("without", "tab:green"), ("with", "tab:red")):
+        pts = ft[case].get("cdf_ms") if ft else None
+        if pts:
+            ax.plot([max(p[0], 0.01) for p in pts], [p[1] for p in pts], "--", color=colour,
+                    lw=1.1, label=f"{ft['rate']:,}/s, {case} a write transaction open in "
+                                  "another database: reading commit -> prediction commit")
     t = r["targets"]
     for x, lbl in ((t["visible_p50_ms_at_1k"], "visible->commit p50 target"),
                    (t["visible_p99_ms_at_1k"], "visible->commit p99 target")):
@@ -368,8 +375,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency per reading (ms, log)")
     ax.set_ylabel("share of readings")
-    ax.set_title("Latency distribution, steady load (exact, from commit timestamps)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Latency distribution at steady load (exact, from commit timestamps)")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
 
     ax = axes[0][1]

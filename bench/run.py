@@ -701,6 +701,7 @@ class Bench:
             "share_before_release": round(int(row["before_release"]) / n, 4) if n else 0.0,
             "held_s": round(t_release - t_begin, 2),
             "release_to_drained_s": _round(drained, 2),
+            "cdf_ms": cdf_points(v * 1000),
         }
 
     async def phase_restart(self) -> dict[str, Any]:
@@ -788,7 +789,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results["machine"] = machine_info()
         self.results["args"] = {**vars(self.args),
-                                "command": " ".join([".venv/bin/python -m bench", *sys.argv[1:]])}
+                                "command": " ".join(["uv run python -m bench", *sys.argv[1:]])}
         self.results["targets"] = TARGETS
         phases = self.phases = set(self.args.only or PHASES)
         try:
