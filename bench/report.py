@@ -23,6 +23,10 @@ def _ok(flag: bool | None) -> str:
     return "-" if flag is None else ("met" if flag else "**missed**")
 
 
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n:,}"
+
+
 def _drain_label(d: dict[str, Any]) -> str:
     what = "default settings" if d.get("default_settings") else "batch"
     reps = d.get("replicas", 1)
@@ -37,7 +41,7 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     drains = r.get("drain", [])
     for d in drains:
         default_one = d.get("default_settings") and d.get("replicas", 1) == 1
-        rows.append((f"drain 1M, {_drain_label(d)}, vs COPY ceiling",
+        rows.append((f"drain {_size(d['readings'])}, {_drain_label(d)}, vs COPY ceiling",
                      f"{d['rate']:,}/s = {d['ratio_to_ceiling_same_db']:.2f} x "
                      f"{d['ceiling_copy']['rate']:,}/s",
                      f">= {t['drain_vs_ceiling']} x" if default_one else "-",
@@ -50,7 +54,7 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     if one and two:
         ratio = two["rate"] / one["rate"]
         norm = two["ratio_to_ceiling_same_db"] / one["ratio_to_ceiling_same_db"]
-        rows.append(("drain 1M, 2 replicas vs 1, default settings",
+        rows.append((f"drain {_size(one['readings'])}, 2 replicas vs 1, default settings",
                      f"{ratio:.2f} x ({norm:.2f} x, each against its own ceiling)",
                      f">= {t['replicas_2_over_1']} x", ratio >= t["replicas_2_over_1"]))
     live = r.get("live", {})
@@ -114,7 +118,8 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                      f"<= {t['drift_flat_ratio']} x (flat)", worst <= t["drift_flat_ratio"]))
     if drains:
         peak = max(d["peak_rss_mb"] for d in drains)
-        rows.append(("worker peak RSS (VmHWM) draining 1M, per process", f"{peak} MB",
+        rows.append((f"worker peak RSS (VmHWM) draining {_size(drains[0]['readings'])}, per "
+                     "process", f"{peak} MB",
                      f"<= {t['rss_mb']} MB", peak <= t["rss_mb"]))
     return rows
 
@@ -148,10 +153,12 @@ def summary(r: dict[str, Any]) -> str:
         ceil = [d["ceiling_copy"]["rate"] for d in drains]
         lines += [
             "",
-            "## Ceiling and drain (1M readings waiting, worker a real subprocess)",
+            f"## Ceiling and drain ({_size(drains[0]['readings'])} readings waiting, worker a "
+            "real subprocess)",
             "",
-            f"Ceiling, binary COPY (copy_records_to_table, 10,000-row transactions) of 1M "
-            f"readings with no worker: median **{statistics.median(ceil):,.0f}/s** over "
+            f"Ceiling, binary COPY (copy_records_to_table, 10,000-row transactions) of "
+            f"{_size(drains[0]['readings'])} readings with no worker: median "
+            f"**{statistics.median(ceil):,.0f}/s** over "
             f"{len(ceil)} loads ({', '.join(f'{c:,}' for c in ceil)}). Each drain is compared "
             "with the load of its own database, just before it. A drain not finished within "
             f"{r['args'].get('drain_cap')} s is rated on what it scored by then.",
