@@ -23,24 +23,81 @@ def _ok(flag: bool | None) -> str:
     return "-" if flag is None else ("met" if flag else "**missed**")
 
 
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n:,}"
+
+
+def _drain_label(d: dict[str, Any]) -> str:
+    what = "default settings" if d.get("default_settings") else "batch"
+    reps = d.get("replicas", 1)
+    return (f"{what} ({d['batch']} x {d['concurrency']} lanes)"
+            + (f" x {reps} replicas" if reps > 1 else ""))
+
+
 def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
-    """(what, measured, target, met) rows."""
+    """(what, measured, target, met) rows; met None: reported, no target."""
     t = r["targets"]
     rows: list[tuple[str, str, str, bool | None]] = []
-    for d in r.get("drain", []):
-        rows.append((f"drain 1M, batch {d['batch']} x {d['concurrency']} lanes, vs COPY ceiling",
+    drains = r.get("drain", [])
+    for d in drains:
+        default_one = d.get("default_settings") and d.get("replicas", 1) == 1
+        rows.append((f"drain {_size(d['readings'])}, {_drain_label(d)}, vs COPY ceiling",
                      f"{d['rate']:,}/s = {d['ratio_to_ceiling_same_db']:.2f} x "
                      f"{d['ceiling_copy']['rate']:,}/s",
-                     f">= {t['drain_vs_ceiling']} x",
-                     d["ratio_to_ceiling_same_db"] >= t["drain_vs_ceiling"]))
+                     f">= {t['drain_vs_ceiling']} x" if default_one else "-",
+                     d["ratio_to_ceiling_same_db"] >= t["drain_vs_ceiling"]
+                     if default_one else None))
+    one = next((d for d in drains if d.get("default_settings") and d.get("replicas", 1) == 1),
+               None)
+    two = next((d for d in drains if d.get("default_settings") and d.get("replicas") == 2),
+               None)
+    if one and two:
+        ratio = two["rate"] / one["rate"]
+        norm = two["ratio_to_ceiling_same_db"] / one["ratio_to_ceiling_same_db"]
+        rows.append((f"drain {_size(one['readings'])}, 2 replicas vs 1, default settings",
+                     f"{ratio:.2f} x ({norm:.2f} x, each against its own ceiling)",
+                     f">= {t['replicas_2_over_1']} x", ratio >= t["replicas_2_over_1"]))
     live = r.get("live", {})
     s1 = live.get("steady_1000")
     if s1:
+        lv = s1["latency_ms"]["visible_to_commit"]
+        rows.append(("p50 reading visible -> prediction commit at 1,000/s", f"{lv['p50']} ms",
+                     f"<= {t['visible_p50_ms_at_1k']} ms", lv["p50"] <= t["visible_p50_ms_at_1k"]))
+        rows.append(("p99 reading visible -> prediction commit at 1,000/s", f"{lv['p99']} ms",
+                     f"<= {t['visible_p99_ms_at_1k']} ms", lv["p99"] <= t["visible_p99_ms_at_1k"]))
         li = s1["latency_ms"]["insert_to_commit"]
-        rows.append(("p50 insert -> prediction commit at 1,000/s", f"{li['p50']} ms",
-                     f"<= {t['p50_ms_at_1k']} ms", li["p50"] <= t["p50_ms_at_1k"]))
-        rows.append(("p99 insert -> prediction commit at 1,000/s", f"{li['p99']} ms",
-                     f"<= {t['p99_ms_at_1k']} ms", li["p99"] <= t["p99_ms_at_1k"]))
+        lw = s1["latency_ms"]["insert_to_visible"]
+        rows.append(("insert -> prediction commit at 1,000/s, p50 / p99 (the writer's own "
+                     "insert -> visible)", f"{li['p50']} / {li['p99']} ms ({lw['p50']} / "
+                     f"{lw['p99']} ms)", "-", None))
+    ft = live.get("foreign_transaction")
+    if ft:
+        w, wo = ft["with"], ft["without"]
+        rows.append(("1,000/s with a write transaction open in another database: scored within "
+                     "1 s of visible (without it)",
+                     f"{w['share_within_1s']:.1%} ({wo['share_within_1s']:.1%}); p99 "
+                     f"{w['visible_to_commit_ms'].get('p99')} ms, max "
+                     f"{w['visible_to_commit_ms'].get('max')} ms"
+                     + (" - STALLED" if ft.get("stalled") else ""),
+                     f">= {t['foreign_within_1s_share']:.0%}",
+                     w["share_within_1s"] >= t["foreign_within_1s_share"]))
+    st = live.get("stepup")
+    if st:
+        ceil = next((c for c in r.get("producer_ceiling", []) if c.get("used_in_stepup")), None)
+        rows.append(("sustained rate with the backlog bounded (step-up)",
+                     f"{_fmt(st['max_bounded_rate'])}/s"
+                     + (f" (producer alone: {ceil['rate']:,}/s)" if ceil else ""),
+                     f">= {t['sustained_rate']:,}/s",
+                     (st["max_bounded_rate"] or 0) >= t["sustained_rate"]))
+    rs = r.get("restart")
+    if rs:
+        rows.append(("SIGKILL -> first prediction of the restarted worker, median (max)",
+                     f"{rs['median_s']} s ({rs['max_s']} s) over {len(rs['kills'])} kills",
+                     f"<= {t['restart_median_s']} s",
+                     rs["median_s"] is not None and rs["median_s"] <= t["restart_median_s"]))
+        eo = rs["exactly_once"]
+        rows.append(("readings lost / doubled across the kills",
+                     f"{eo['lost']} / {eo['duplicated']} of {eo['readings']:,}", "0", eo["ok"]))
     sw = live.get("swaps")
     if sw:
         rows.append(("model swap: commit -> first new-version prediction, median (max)",
@@ -59,10 +116,11 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         rows.append(("drift tracker cost, window 1M / window 100 (per batch)",
                      f"{worst:.2f} x (a recount of the window: {rec:.0f} x)",
                      f"<= {t['drift_flat_ratio']} x (flat)", worst <= t["drift_flat_ratio"]))
-    if r.get("drain"):
-        peak = max(d["peak_rss_mb"] for d in r["drain"])
-        rows.append(("worker peak RSS (VmHWM) draining 1M", f"{peak} MB", f"<= {t['rss_mb']} MB",
-                     peak <= t["rss_mb"]))
+    if drains:
+        peak = max(d["peak_rss_mb"] for d in drains)
+        rows.append((f"worker peak RSS (VmHWM) draining {_size(drains[0]['readings'])}, per "
+                     "process", f"{peak} MB",
+                     f"<= {t['rss_mb']} MB", peak <= t["rss_mb"]))
     return rows
 
 
@@ -95,22 +153,24 @@ def summary(r: dict[str, Any]) -> str:
         ceil = [d["ceiling_copy"]["rate"] for d in drains]
         lines += [
             "",
-            "## Ceiling and drain (1M readings waiting, worker a real subprocess)",
+            f"## Ceiling and drain ({_size(drains[0]['readings'])} readings waiting, worker a "
+            "real subprocess)",
             "",
-            f"Ceiling, binary COPY (copy_records_to_table, 10,000-row transactions) of 1M "
-            f"readings with no worker: median **{statistics.median(ceil):,.0f}/s** over "
+            f"Ceiling, binary COPY (copy_records_to_table, 10,000-row transactions) of "
+            f"{_size(drains[0]['readings'])} readings with no worker: median "
+            f"**{statistics.median(ceil):,.0f}/s** over "
             f"{len(ceil)} loads ({', '.join(f'{c:,}' for c in ceil)}). Each drain is compared "
             "with the load of its own database, just before it. A drain not finished within "
             f"{r['args'].get('drain_cap')} s is rated on what it scored by then.",
             "",
-            "| batch x lanes | drain readings/s (drained?) | x ceiling (same DB) | "
+            "| configuration | drain readings/s (drained?) | x ceiling (same DB) | "
             "first->last commit | worker CPU | PostgreSQL CPU | other processes | peak RSS | "
             "exactly once |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for d in drains:
             lines.append(
-                f"| {d['batch']} x {d['concurrency']} | {d['rate']:,}"
+                f"| {_drain_label(d)} | {d['rate']:,}"
                 f"{'' if d['drained'] else ' (not drained in the cap)'} | "
                 f"{d['ratio_to_ceiling_same_db']:.2f} | {d['first_to_last_commit_s']} s | "
                 f"{d['worker_cpu_share']:.0%} of a core | "
@@ -153,11 +213,45 @@ def summary(r: dict[str, Any]) -> str:
             "other processes: CPU used on this shared 2-core machine by processes that are not "
             "this bench, its PostgreSQL or the worker.",
         ]
+    ft = live.get("foreign_transaction")
+    if ft:
+        lines += ["", f"## A write transaction open in another database ({ft['rate']:,} "
+                  f"readings/s, {ft['seconds']:.0f} s each)", "",
+                  "Same worker, same database, back to back: first without, then with a "
+                  "transaction holding an xid open in a neighbouring database of the same "
+                  "cluster for the whole load; it commits at the end. Latency from the "
+                  "reading's commit to its prediction's commit, in ms.", "",
+                  "| case | readings | p50 | p99 | max | scored within 1 s | scored before the "
+                  "release | unscored after "
+                  f"{ft['timeout_s']:.0f} s more | release -> all scored |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for case in ("without", "with"):
+            c = ft[case]
+            v = c["visible_to_commit_ms"]
+            lines.append(f"| {case} | {c['readings']:,} | {v.get('p50', '-')} | "
+                         f"{v.get('p99', '-')} | {v.get('max', '-')} | "
+                         f"{c['share_within_1s']:.1%} | {c['share_before_release']:.1%} | "
+                         f"{c['unscored']:,} | {_fmt(c['release_to_drained_s'])} s |")
+        if ft.get("stalled"):
+            lines += ["", "**Stalled**: with the foreign transaction open, readings waited for "
+                      "it to end."]
+    pc = r.get("producer_ceiling")
+    if pc:
+        lines += ["", "## Producer ceiling (flat out, empty table, no worker)", "",
+                  "| shape | readings/s |", "|---|---|"]
+        for c in pc:
+            used = " (the step-up's)" if c["used_in_stepup"] else ""
+            lines.append(f"| {c['shape']}{used} | {c['rate']:,} |")
+        lines += ["", "insert:ROWSxCONNS: plain multi-row `INSERT INTO readings (\"timestamp\", "
+                  "\"values\", machine_id) VALUES ...` of ROWS readings (literal JSON, the old "
+                  "writers' SQL) over CONNS connections; copy: text `COPY FROM STDIN`."]
     st = live.get("stepup")
     if st:
         lines += ["", "## Rate step-up (backlog = the product's backlog query, sampled 2/s)", "",
-                  "Bounded: scored >= 97 % of what was written, and the backlog in the second "
-                  "half of the step under max(2,000, 0.5 s of writes).", "",
+                  f"Producer {st.get('producer', '?')}. Bounded: the backlog in the second "
+                  "half of the step under max(2,000, 0.5 s of writes), and the worker's counter "
+                  ">= 90 % of what was written. The step-up stops after the first step not "
+                  "bounded.", "",
                   "| target | produced | consumed | backlog max / end | bounded |",
                   "|---|---|---|---|---|"]
         for s in st["steps"]:
@@ -170,6 +264,23 @@ def summary(r: dict[str, Any]) -> str:
                      f"/s**" + (" (the producer could not write faster on this machine: the "
                                 "worker kept up with everything written)"
                                 if st["max_bounded_limited_by_producer"] else "") + ".")
+    rs = r.get("restart")
+    if rs:
+        lines += ["", f"## SIGKILL -> restarted worker ({len(rs['kills'])} kills under "
+                  f"{rs['rate']:,} readings/s)", "",
+                  "The worker is killed at a random moment and a new one started at once, as a "
+                  "supervisor would. First prediction: the first commit of a prediction whose "
+                  "scoring transaction began after the kill.", "",
+                  "| kill | -> first prediction | spawn -> ready | kill -> model loaded | "
+                  "new worker's counter just after |", "|---|---|---|---|---|"]
+        for i, k in enumerate(rs["kills"], 1):
+            lines.append(f"| {i} | {_fmt(k['to_first_prediction_s'])} s | "
+                         f"{_fmt(k['spawn_to_ready_s'])} s | "
+                         f"{_fmt(k['kill_to_model_loaded_s'])} s | "
+                         f"{k['new_worker_predictions']:,} |")
+        eo = rs["exactly_once"]
+        lines += ["", f"Median **{rs['median_s']} s**, max {rs['max_s']} s. Readings lost: "
+                  f"{eo['lost']}, doubled: {eo['duplicated']} of {eo['readings']:,}."]
     sw = live.get("swaps")
     if sw:
         lines += ["", f"## Model swaps ({len(sw['swaps'])} under {sw['rate']:,} readings/s)", "",
@@ -182,7 +293,7 @@ def summary(r: dict[str, Any]) -> str:
     if od:
         best = max((d["rate"] for d in drains), default=None)
         default = next((d["rate"] for d in drains
-                        if d["batch"] == 100 and d["concurrency"] == 2), None)
+                        if d.get("default_settings") and d.get("replicas", 1) == 1), None)
         bounded = st["max_bounded_rate"] if st else None
         lines += [
             "", "## Against the old design (poll, batch 100, one INSERT per prediction)", "",
@@ -198,7 +309,7 @@ def summary(r: dict[str, Any]) -> str:
             "|---|---|---|---|",
         ]
         if default:
-            lines.append(f"| drain, default settings (100 x 2) | {default:,}/s | "
+            lines.append(f"| drain, default settings, one worker | {default:,}/s | "
                          f"{default / od['capacity_interval_0_per_s']:.0f} x | "
                          f"{default / od['design_throughput_per_s']:,.0f} x |")
         if best:
@@ -254,7 +365,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 ax.plot([max(p[0], 0.01) for p in pts], [p[1] for p in pts], style, color=c,
                         lw=1.6 if kind == "insert_to_commit" else 1.1,
                         label=f"{s['target_rate']:,}/s: {what}")
-    for x, lbl in ((3, "p50 target 3 ms"), (10, "p99 target 10 ms")):
+    ft = live.get("foreign_transaction")
+    for case, colour in (("without", "tab:green"), ("with", "tab:red")):
+        pts = ft[case].get("cdf_ms") if ft else None
+        if pts:
+            ax.plot([max(p[0], 0.01) for p in pts], [p[1] for p in pts], "--", color=colour,
+                    lw=1.1, label=f"{ft['rate']:,}/s, {case} a write transaction open in "
+                                  "another database: reading commit -> prediction commit")
+    t = r["targets"]
+    for x, lbl in ((t["visible_p50_ms_at_1k"], "visible->commit p50 target"),
+                   (t["visible_p99_ms_at_1k"], "visible->commit p99 target")):
         ax.axvline(x, color="grey", lw=0.8, ls="--")
         ax.text(x, 0.02, lbl, rotation=90, fontsize=8, color="grey", ha="right")
     ax.axhline(0.5, color="lightgrey", lw=0.6)
@@ -262,8 +382,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency per reading (ms, log)")
     ax.set_ylabel("share of readings")
-    ax.set_title("Latency distribution, steady load (exact, from commit timestamps)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Latency distribution at steady load (exact, from commit timestamps)")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
 
     ax = axes[0][1]
@@ -274,12 +394,14 @@ def plot(r: dict[str, Any], path: Path) -> None:
             if t1 > t0 and n0 < d["readings"]:
                 ts.append(t1)
                 rates.append((n1 - n0) / (t1 - t0) / 1000)
-        ax.plot(ts, rates, label=f"drain, batch {d['batch']} x {d['concurrency']} lanes: "
+        ax.plot(ts, rates, label=f"drain, {_drain_label(d)}: "
                                  f"{d['rate'] / 1000:.0f}k/s")
     if r.get("drain"):
         ceil = statistics.median(d["ceiling_copy"]["rate"] for d in r["drain"]) / 1000
         ax.axhline(ceil, color="black", ls="--", lw=1, label=f"COPY ceiling {ceil:.0f}k/s")
-        ax.axhline(ceil / 2, color="grey", ls=":", lw=1, label="target: 0.5 x ceiling")
+        frac = r["targets"]["drain_vs_ceiling"]
+        ax.axhline(ceil * frac, color="grey", ls=":", lw=1,
+                   label=f"target (default settings): {frac} x ceiling")
     od = r.get("old_design")
     if od:
         ax.axhline(od["capacity_interval_0_per_s"] / 1000, color="tab:red", ls="-.", lw=1,
@@ -324,7 +446,12 @@ def plot(r: dict[str, Any], path: Path) -> None:
         bars.append(("COPY ceiling\n(median)", statistics.median(
             d["ceiling_copy"]["rate"] for d in r["drain"]), "black"))
         for d in r["drain"]:
-            bars.append((f"drain\n{d['batch']}x{d['concurrency']}", d["rate"], "tab:blue"))
+            reps = d.get("replicas", 1)
+            bars.append((f"drain\n{d['batch']}x{d['concurrency']}"
+                         + (f" x{reps}" if reps > 1 else ""), d["rate"], "tab:blue"))
+    ceil_p = next((c for c in r.get("producer_ceiling", []) if c.get("used_in_stepup")), None)
+    if ceil_p:
+        bars.append((f"producer alone\n{ceil_p['shape']}", ceil_p["rate"], "grey"))
     if st and st["max_bounded_rate"]:
         bars.append(("sustained\n(bounded)", st["max_bounded_rate"], "tab:green"))
     if od:

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.support import free_port
+from sensor_predictor.devtools.postgres import free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LATENCY = "sensor_prediction_latency_seconds"
