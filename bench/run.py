@@ -25,6 +25,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,7 @@ from sensor_predictor.logging_setup import configure_logging
 from sensor_predictor.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["drift", "drain", "old", "producer", "live", "foreign", "restart"]
+PHASES = ["drift", "drain", "old", "adoption", "producer", "live", "foreign", "restart"]
 TMP = ROOT / "bench" / ".tmp"
 # Readings not scored yet (waiting, or handed out and unwritten): the product's own named query,
 # whatever the claim protocol behind it. The bench never names the claim tables itself.
@@ -336,6 +337,102 @@ class Bench:
         say(f"{name}: {out['rate']:,}/s = {out['ratio_to_ceiling_same_db']:.2f} x ceiling "
             f"(batch {out['batch']} x {out['concurrency']} lanes x {replicas} replica(s)), "
             f"peak RSS {out['peak_rss_mb']} MB, exactly once: {check['ok']}")
+        return out
+
+    async def phase_adoption(self) -> dict[str, Any]:
+        """Adopting a database the old system made: n old readings (half of those without a
+        failure already scored by the old predictor), the old consumer writing one message per
+        transaction all along; how long `migrate` takes, the longest wait the consumer sees,
+        then the drain of the adopted backlog at the default settings."""
+        from sensor_predictor.devtools import old_system
+
+        assert self.server is not None
+        n = self.args.n
+        name = "adopt"
+        await self.drop_db(name)
+        admin = await self.server.connect()
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        conn = await asyncpg.connect(**self.dsn(name))
+        await old_system.create_old_schema(conn)
+        t0 = time.perf_counter()
+        await old_system.bulk_history(conn, n)
+        scored_before = await old_system.old_predictions(conn, "1", "old-run-1", share=0.5)
+        await conn.execute("VACUUM ANALYZE")
+        say(f"adopt: old database with {n:,} readings ({scored_before:,} scored by the old "
+            f"predictor) in {time.perf_counter() - t0:.1f} s")
+        writer = await asyncpg.connect(**self.dsn(name))
+        consumer = old_system.Consumer(writer)
+        waits: list[tuple[float, float]] = []  # (time.monotonic() at the start, seconds)
+        stop = asyncio.Event()
+
+        async def write() -> None:
+            rnd = random.Random(5)
+            while not stop.is_set():
+                t = time.monotonic()
+                await consumer.write(f"machine-{rnd.randrange(10)}", old_system.message(rnd),
+                                     has_failure=rnd.random() < 0.05)
+                waits.append((t, time.monotonic() - t))
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(write())
+        await asyncio.sleep(2.0)
+        migrating = await asyncpg.connect(**self.dsn(name))
+        m0 = time.monotonic()
+        await migrate(migrating)
+        m1 = time.monotonic()
+        await migrating.close()
+        await asyncio.sleep(2.0)
+        stop.set()
+        await task
+        await writer.close()
+        before = [w for t, w in waits if t + w < m0]
+        during = [w for t, w in waits if t < m1 and t + w > m0]
+        a = self.models[0]
+        await conn.execute(
+            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
+            " VALUES ($1, $2, true, $3)", a.run_id, a.version, a.n_clusters)
+        backlog = int(await conn.fetchval(queries()["backlog"]))
+        say(f"adopt: migrate {m1 - m0:.2f} s; consumer's longest wait during it "
+            f"{max(during, default=0) * 1000:.0f} ms (before: median "
+            f"{statistics.median(before) * 1000:.1f} ms); backlog {backlog:,}")
+        w = self.start_worker(name, "adopt")
+        try:
+            await w.wait_ready()
+            deadline = time.monotonic() + self.args.drain_cap
+            while time.monotonic() < deadline:
+                if int(await conn.fetchval(queries()["backlog"])) == 0:
+                    break
+                await asyncio.sleep(0.25)
+        finally:
+            await w.stop()
+        row = await conn.fetchrow(
+            "SELECT count(*) AS n, min(c) AS first, max(c) AS last FROM"
+            " (SELECT pg_xact_commit_timestamp(xmin) AS c FROM predictions"
+            "   WHERE model_version = $1) p", a.model_version)
+        span = (row["last"] - row["first"]).total_seconds() if row["n"] else float("nan")
+        check = await exactly_once(conn)
+        untouched = await conn.fetchval(
+            "SELECT count(*) FROM predictions WHERE model_version = '1'")
+        await conn.close()
+        await self.drop_db(name)
+        fresh = next((d for d in self.results.get("drain", []) if d["spec"] == "default"), None)
+        rate = row["n"] / span if span > 0 else float("nan")
+        out = {
+            "readings": n, "scored_by_old_predictor": scored_before,
+            "migrate_s": round(m1 - m0, 3),
+            "writer_max_wait_during_migrate_ms": round(max(during, default=0) * 1000, 1),
+            "writer_median_wait_before_ms": round(statistics.median(before) * 1000, 2),
+            "writer_messages_during_migrate": len(during),
+            "adopted_backlog": backlog, "scored": row["n"], "drain_rate": round(rate),
+            "fresh_default_drain_rate": fresh["rate"] if fresh else None,
+            "adopted_vs_fresh": round(rate / fresh["rate"], 3) if fresh else None,
+            "old_predictions_untouched": untouched == scored_before,
+            "exactly_once": check,
+        }
+        say(f"adopt: drained {row['n']:,} at {out['drain_rate']:,}/s = "
+            f"{out['adopted_vs_fresh']} x a fresh backlog's rate; old predictions untouched: "
+            f"{out['old_predictions_untouched']}")
         return out
 
     async def phase_old_design(self, conn: asyncpg.Connection, ceiling: dict[str, Any]
@@ -801,6 +898,8 @@ class Bench:
                 for i, spec in enumerate(self.args.drain):
                     self.results["drain"].append(
                         await self.phase_drain(spec, old=i == 0 and "old" in phases))
+            if "adoption" in phases:
+                self.results["adoption"] = await self.phase_adoption()
             if "producer" in phases:
                 self.results["producer_ceiling"] = await self.phase_producer_ceiling()
             if "live" in phases:

@@ -67,6 +67,7 @@ class Worker:
             weakref.WeakKeyDictionary())
         self._lost_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
+        self._next_orphan_check = 0.0  # time.monotonic(); 0: look at the first chance
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
 
     # -- signals from the outside ----------------------------------------------------------
@@ -296,7 +297,7 @@ class Worker:
         """Claim and score batches until none is left (or shutdown); one of several in parallel."""
         assert self.pool is not None
         size = self.settings.prediction_batch_size
-        next_orphan_check = 0.0
+        scored = 0
         # One connection for the whole pass: a release per batch costs a reset round trip. The
         # claim's advisory lock belongs to this session; the next claim releases it.
         async with self.pool.acquire() as conn:
@@ -305,30 +306,44 @@ class Worker:
                 if model is None:
                     return  # no model yet: readings wait, nothing is claimed
                 claim: Claim | None = None
-                if time.monotonic() >= next_orphan_check:
-                    next_orphan_check = time.monotonic() + ORPHAN_CHECK_SECONDS
+                # Orphans are looked for once new work is handed out, so that a wake-up's
+                # readings never wait for the look (and during a long pass, when it is due).
+                if scored and self._orphan_check_due():
                     claim = await self._take_orphan(conn)
-                    if claim is not None:
-                        next_orphan_check = 0.0  # there may be more
                 if claim is None:
                     handed = await claim_next(conn, self.name, size)
-                    if handed is None:
-                        return
                     if handed is PROGRESS:
                         continue
-                    assert isinstance(handed, Claim)
-                    claim = handed
+                    if handed is None:
+                        if not self._orphan_check_due():
+                            return
+                        claim = await self._take_orphan(conn)
+                        if claim is None:
+                            return
+                    else:
+                        assert isinstance(handed, Claim)
+                        claim = handed
                 result = await score_claim(conn, claim, model)
+                scored += 1
                 if result is not None:
                     self._record(result)
                     size = next_batch_size(size, result.size,
                                            self.settings.prediction_batch_size)
+
+    def _orphan_check_due(self) -> bool:
+        """At most one look for orphaned claims every ORPHAN_CHECK_SECONDS, across lanes."""
+        now = time.monotonic()
+        if now < self._next_orphan_check:
+            return False
+        self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
+        return True
 
     async def _take_orphan(self, conn: asyncpg.Connection) -> Claim | None:
         taken = await take_orphan(conn, self.name, self.settings.claim_orphan_seconds)
         if taken is None:
             return None
         claim, age = taken
+        self._next_orphan_check = 0.0  # there may be more
         self.metrics.claims_taken_over.inc({})
         log.warning("orphan_claim_recovered", claim=claim.claim_id,
                     readings=len(claim.reading_ids), previous_worker=claim.previous_worker,

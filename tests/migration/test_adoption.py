@@ -15,8 +15,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from sensor_predictor.devtools import old_system
 from sensor_predictor.migrate import load_migrations, migrate
-from tests import old_system
+from tests import old_system as old_orm
 from tests.support import PgServer, drop_database
 
 pytestmark = pytest.mark.asyncio
@@ -217,8 +218,8 @@ async def test_the_old_consumer_starts_and_writes_through_its_orm_afterwards(
     try:
         await migrate(conn)
         dsn = f"postgres://{pg_server.user}@{pg_server.host}:{pg_server.port}/{old_db}"
-        await old_system.generate_schemas(dsn)  # its start: CREATE TABLE IF NOT EXISTS ...
-        reading_id = await old_system.orm_write_reading(
+        await old_orm.generate_schemas(dsn)  # its start: CREATE TABLE IF NOT EXISTS ...
+        reading_id = await old_orm.orm_write_reading(
             dsn, "orm-machine", old_system.message(random.Random(2)))
         assert await conn.fetchval("SELECT txid > '0' FROM readings WHERE id = $1", reading_id)
         assert await migrate(conn) == []  # and migrate stays idempotent after it
