@@ -312,20 +312,25 @@ def _scored(stack: Stack) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def _busy(stack: Stack, before: int) -> bool:
-    """Scoring the backlog: more results than before it, and many readings still waiting."""
-    readings, results = _scored(stack)
-    return results > before and readings - results > 1000
+def _add_backlog_and_wait_for_the_drain(stack: Stack, n: int = 60_000) -> None:
+    """A burst of n readings, and back once the worker is well into it (not merely scoring the
+    simulator's readings while the burst's transaction is open: it holds the horizon)."""
+    stack.add_backlog(n)
+    committed = _scored(stack)[1]
+
+    def draining() -> bool:
+        readings, results = _scored(stack)
+        return results >= committed + 2_000 and readings - results > 5_000
+
+    wait_until(draining, 60, "draining the burst", interval=0.05)
 
 
 def test_docker_stop_commits_the_batch_in_flight_and_exits_0_within_5_s(stack: Stack) -> None:
     predictor = stack.containers["predictor"]
     attempts = []
     for _ in range(3):  # a stop that happens to fall between two batches proves less: retry
-        before = _scored(stack)[1]
         seen = len(predictor.events())
-        stack.add_backlog(60_000)
-        wait_until(lambda b=before: _busy(stack, b), 30, "draining", interval=0.05)
+        _add_backlog_and_wait_for_the_drain(stack)
         started = time.monotonic()
         stack.docker("stop", "-t", str(STOP_TIMEOUT), predictor.name, timeout=60)
         took = time.monotonic() - started
@@ -354,9 +359,7 @@ def test_docker_stop_commits_the_batch_in_flight_and_exits_0_within_5_s(stack: S
 def test_docker_kill_then_restart_loses_and_doubles_nothing(stack: Stack) -> None:
     predictor = stack.containers["predictor"]
     before = stack.counts()
-    stack.add_backlog(60_000)
-    wait_until(lambda: _busy(stack, before.predicted + before.errors), 30, "draining",
-               interval=0.05)
+    _add_backlog_and_wait_for_the_drain(stack)
     stack.docker("kill", predictor.name)  # SIGKILL: no shutdown at all
     state = predictor.state()
     assert not state["Running"] and state["ExitCode"] == 137, state
