@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # sensor-predictor image.
 #
 #   docker build -t sensor-predictor:local .
@@ -11,8 +9,12 @@
 # interpreter symlink (/opt/venv/bin/python -> /usr/local/bin/python3.12) stays
 # valid in the runtime stage.
 #
-# The RUN --mount cache mounts need BuildKit (the default builder since Docker
-# 23; docker-compose 1.29 also builds through the docker CLI by default).
+# It builds with BuildKit and with the classic builder (DOCKER_BUILDKIT=0, e.g.
+# Debian's docker.io 20.10 with a CLI that has no buildx): no `# syntax=` line and
+# no `RUN --mount`. uv's cache would only help a rebuild whose uv.lock changed; an
+# unchanged lock reuses the dependency layer with either builder. The base image
+# is a build argument (PYTHON_IMAGE); the runtime stage needs python3.12 in
+# /usr/local/bin, groupadd/useradd and find. tests/container builds and runs it.
 #
 # No credentials are baked in: POSTGRES_PASSWORD / POSTGRES_PASSWORD_FILE and
 # friends come from the environment or compose secrets at run time.
@@ -27,6 +29,7 @@ RUN pip install --no-cache-dir --disable-pip-version-check --root-user-action=ig
 
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_PYTHON=/usr/local/bin/python3.12 \
     UV_PROJECT_ENVIRONMENT=/opt/venv
@@ -35,8 +38,7 @@ WORKDIR /build
 
 # 1) Dependencies only (cached layer as long as pyproject.toml/uv.lock do not change).
 COPY pyproject.toml uv.lock ./
-RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable --no-install-project
+RUN uv sync --frozen --no-dev --no-editable --no-install-project
 
 # 2) Our package, installed as a regular (non-editable) wheel so the venv does
 #    not point back at /build. hatchling needs README.md, and force-includes
@@ -44,8 +46,9 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 COPY README.md ./
 COPY src/ src/
 COPY migrations/ migrations/
-RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+# uv's lock file is left behind writable by everyone (mode 0666): the runtime has no use for it.
+RUN uv sync --frozen --no-dev --no-editable \
+    && rm -f /opt/venv/.lock
 
 # --------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -54,10 +57,15 @@ LABEL org.opencontainers.image.title="sensor-predictor" \
       org.opencontainers.image.description="Scores sensor readings in PostgreSQL with an MLflow scikit-learn model" \
       org.opencontainers.image.licenses="MIT"
 
-# Unprivileged user with a real home (mlflow/matplotlib write caches under $HOME).
+# Unprivileged user with a real home (mlflow/matplotlib write caches under $HOME),
+# the only place it can write: the world-writable directories of the base (/tmp,
+# /var/tmp, /run/lock) lose their write bit for others, and temporary files (e.g.
+# the model artifacts mlflow downloads) go to $TMPDIR in the home instead.
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app \
-       --shell /usr/sbin/nologin app
+       --shell /usr/sbin/nologin app \
+    && install -d -o app -g app -m 0700 /home/app/tmp \
+    && find / -xdev -perm -0002 ! -type l -exec chmod o-w {} +
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -65,6 +73,7 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    TMPDIR=/home/app/tmp \
     MLFLOW_TRACKING_URI=http://mlflow:5000 \
     POSTGRES_HOST=localhost \
     POSTGRES_PORT=5432 \

@@ -1,7 +1,7 @@
 """The Dockerfile, read: stages, pinning, user, port, healthcheck, command.
 
-Nothing can be pulled or built here, so this reads the file (hadolint runs in
-test_compose.py) and runs the HEALTHCHECK command itself against a local /ready stand-in.
+This reads the file (hadolint runs in test_compose.py) and runs the HEALTHCHECK command itself
+against a local /ready stand-in; tests/container builds the image and runs it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,20 @@ def only(stage: list[tuple[str, str]], keyword: str) -> list[str]:
 
 
 FINAL = stages()[-1]
+
+
+def test_builds_with_the_classic_builder_too() -> None:
+    """No BuildKit-only syntax: Debian's docker.io (20.10, no buildx) builds with the classic
+    builder, which rejects a `# syntax=` line, RUN --mount/--network/--security and heredocs.
+    tests/container builds it that way for real."""
+    lines = DOCKERFILE.read_text(encoding="utf-8").splitlines()
+    assert not [line for line in lines if re.match(r"#\s*(syntax|check)\s*=", line, re.I)]
+    for keyword, args in INSTRUCTIONS:
+        assert not re.match(r"--(mount|network|security)\b", args), f"{keyword} {args}"
+        assert "<<" not in args, f"heredoc in {keyword}: {args}"
+        if keyword in {"COPY", "ADD"}:
+            assert not re.search(r"--(link|parents|exclude)\b", args), f"{keyword} {args}"
+    assert "PYTHON_IMAGE" in global_args(), "the base image is a build argument"
 
 
 def test_multi_stage_with_pinned_slim_python_312() -> None:
