@@ -151,6 +151,32 @@ BEGIN
 END
 $$;
 
+-- sp_claim and the read of its readings in one round trip: read_sql is the worker's read query
+-- for its model (its features extracted in SQL, `$1` the claim's reading ids). Rows as
+-- (claim_id, id, features, age_seconds); no row when nothing is new; one row of NULLs for
+-- progress without work. A value that cannot be cast fails the statement, and with it the
+-- claim (nothing is handed out): the worker then claims with sp_claim and reads the JSON.
+CREATE FUNCTION sp_claim_read(worker_name text, batch_size integer, read_sql text)
+RETURNS TABLE (claim_id bigint, id bigint, features double precision[],
+               age_seconds double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+BEGIN
+    SELECT s.claim_id, s.reading_ids INTO c FROM sp_claim(worker_name, batch_size) s;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF c.claim_id IS NULL THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::float8[], NULL::float8;
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+        'SELECT $2::bigint, q.id, q.features, q.age_seconds FROM (' || read_sql || ') q'
+        USING c.reading_ids, c.claim_id;
+END
+$$;
+
 -- A claim whose owner's session has ended (its lock is free): taken over by this session, at
 -- once. A claim whose owner still holds its lock is left alone, however slow, except past
 -- fallback_seconds: a half-open session the server has not noticed yet keeps its lock, and its
@@ -249,7 +275,9 @@ $$;
 -- of scoring_claims it updates when it takes a claim over.
 REVOKE EXECUTE ON FUNCTION sp_claim(text, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION sp_take_orphan(text, double precision) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION sp_claim_read(text, integer, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION sp_claim(text, integer) TO sensor_predictor_worker;
 GRANT EXECUTE ON FUNCTION sp_take_orphan(text, double precision) TO sensor_predictor_worker;
+GRANT EXECUTE ON FUNCTION sp_claim_read(text, integer, text) TO sensor_predictor_worker;
 -- sp_claim and sp_backlog look up predictions by reading_id only: 0002's column grant covers it.
 GRANT UPDATE (worker, pid, claimed_at, takeovers) ON scoring_claims TO sensor_predictor_worker;

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import asyncpg
 import numpy as np
@@ -21,6 +21,10 @@ class Claim:
     claim_id: int
     reading_ids: list[int]
     previous_worker: str | None = None  # set when taken over
+    # Rows of the model's read query, when they came with the claim (sp_claim_read).
+    rows: list[asyncpg.Record] | None = field(default=None, repr=False, compare=False)
+    # The read query could not cast a value: go straight to reading the JSON.
+    needs_raw: bool = False
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Claim:
@@ -62,6 +66,23 @@ async def claim_next(conn: asyncpg.Connection, worker: str, batch_size: int
     return Claim.from_record(record)
 
 
+async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
+                         model: LoadedModel) -> Claim | Progress | None:
+    """claim_next, with the claim's features read in the same round trip."""
+    try:
+        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size, model.read_query)
+    except asyncpg.DataError:
+        # A value PostgreSQL cannot cast: the statement failed, and with it the claim. Claim
+        # the same readings again, and read their JSON.
+        handed = await claim_next(conn, worker, batch_size)
+        return replace(handed, needs_raw=True) if isinstance(handed, Claim) else handed
+    if not rows:
+        return None
+    if rows[0]["claim_id"] is None:
+        return PROGRESS
+    return Claim(rows[0]["claim_id"], [r["id"] for r in rows], rows=rows)
+
+
 async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float
                       ) -> tuple[Claim, float] | None:
     """A claim whose owner's session is gone, now ours; with how old it was (seconds)."""
@@ -76,7 +97,10 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     """Ids to predict, their features and ages (seconds since insert), bad readings, slow path."""
     names = model.feature_names
     try:
-        rows = await conn.fetch(model.read_query, claim.reading_ids)
+        if claim.needs_raw:
+            raise asyncpg.DataError("a value could not be cast (found by the claim's read)")
+        rows = (claim.rows if claim.rows is not None
+                else await conn.fetch(model.read_query, claim.reading_ids))
     except asyncpg.DataError:
         # A value PostgreSQL cannot cast (a word, a boolean, beyond float8): read this range's
         # JSON and check each reading in Python. Rare, and only this batch pays for it.

@@ -26,7 +26,7 @@ from sensor_predictor.scoring import (
     PROGRESS,
     BatchResult,
     Claim,
-    claim_next,
+    claim_and_read,
     score_claim,
     take_orphan,
 )
@@ -311,7 +311,7 @@ class Worker:
                 if scored and self._orphan_check_due():
                     claim = await self._take_orphan(conn)
                 if claim is None:
-                    handed = await claim_next(conn, self.name, size)
+                    handed = await claim_and_read(conn, self.name, size, model)
                     if handed is PROGRESS:
                         continue
                     if handed is None:

@@ -70,7 +70,8 @@ async def test_the_worker_role_is_granted_exactly_what_the_worker_needs(
     # Trigger functions stay executable by PUBLIC (PostgreSQL's default; a trigger fires
     # whatever the inserting role may execute); the claim functions are the worker's alone.
     assert {"sp_claim", "sp_take_orphan", "sp_backlog"} <= executable
-    for signature in ("sp_claim(text, integer)", "sp_take_orphan(text, double precision)"):
+    for signature in ("sp_claim(text, integer)", "sp_take_orphan(text, double precision)",
+                      "sp_claim_read(text, integer, text)"):
         assert not await conn.fetchval(
             "SELECT has_function_privilege('public', $1, 'EXECUTE')", signature)
     # No DDL: no CREATE on the schema or the database, owns nothing.
