@@ -15,13 +15,14 @@ import numpy.typing as npt
 import structlog
 
 from sensor_predictor import db
+from sensor_predictor.model_contract import (
+    FEATURES_KEY,
+    MODEL_ARTIFACT,
+    PROPORTIONS_KEY,
+    version_label,
+)
 
 log = structlog.get_logger("sensor_predictor.model_holder")
-
-# The name under which training.py logs the Pipeline inside its run.
-MODEL_ARTIFACT = "model"
-FEATURES_KEY = "feature_names"
-PROPORTIONS_KEY = "training_cluster_proportions"
 
 # How many recent readings the feature check samples, and the share that must carry every
 # feature the model needs (the rest may be bad readings, which happen).
@@ -49,9 +50,7 @@ class ActiveRow:
     @property
     def model_version(self) -> str:
         """The model_version written with each prediction."""
-        if self.registered_version is not None:
-            return str(self.registered_version)
-        return f"run-{self.run_id}"[:50]
+        return version_label(self.run_id, self.registered_version)
 
 
 @dataclass(frozen=True)
