@@ -210,10 +210,17 @@ def _warnings_logged(row: ActiveRow) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         yield
-    messages = sorted({f"{w.category.__name__}: {_first_line_text(str(w.message))}"
-                       for w in seen})
-    if messages:
-        log.warning("model_load_warnings", run_id=row.run_id, warnings=messages)
+    def text(w: warnings.WarningMessage) -> str:
+        return f"{w.category.__name__}: {_first_line_text(str(w.message))}"
+
+    # The model's own (scikit-learn's) warnings concern the operator; MLflow's dependencies'
+    # deprecation notices (SQLAlchemy, pydantic) do not.
+    about_model = sorted({text(w) for w in seen if w.category.__module__.startswith("sklearn")})
+    others = sorted({text(w) for w in seen} - set(about_model))
+    if about_model:
+        log.warning("model_load_warnings", run_id=row.run_id, warnings=about_model)
+    if others:
+        log.debug("model_load_library_warnings", run_id=row.run_id, warnings=others)
 
 
 def bookkeeping_mismatches(model: LoadedModel, bookkeeping: Bookkeeping | None

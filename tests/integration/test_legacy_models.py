@@ -228,7 +228,7 @@ def _log_with_mlflow2(uri: str, episodes_file: Path, clusters: int, seed: int
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.skipif(not (MLFLOW2_VENV / "bin" / "python").exists(),
+@pytest.mark.skipif(not (MLFLOW2_VENV / ".complete").exists(),
                     reason=f"no MLflow 2.21 client venv at {MLFLOW2_VENV} (.ci/run creates it)")
 async def test_a_model_logged_by_an_mlflow_2_21_client_is_served(
         conn: asyncpg.Connection, database: Database, mlflow_server: MlflowStore,

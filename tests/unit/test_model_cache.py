@@ -13,6 +13,7 @@ from sklearn.preprocessing import StandardScaler
 from structlog.testing import capture_logs
 
 from sensor_predictor import db
+from sensor_predictor.config import load_settings
 from sensor_predictor.kmeans_kernel import KMeansKernel, from_pipeline
 from sensor_predictor.model_cache import CacheEntry, ModelCache
 from sensor_predictor.model_holder import (
@@ -104,6 +105,12 @@ def test_an_unwritable_folder_warns_once_and_serving_goes_on(tmp_path: Path) -> 
         assert not cache.store(_entry())
         assert not cache.store(_entry())
     assert [e["event"] for e in logs] == ["model_cache_not_writable"]
+
+
+def test_model_cache_dir_setting() -> None:
+    assert load_settings({}).model_cache_dir == "~/.cache/sensor-predictor"
+    assert load_settings({"MODEL_CACHE_DIR": "OFF"}).model_cache_dir == "off"
+    assert load_settings({"MODEL_CACHE_DIR": "/var/cache/sp"}).model_cache_dir == "/var/cache/sp"
 
 
 # ------------------------------------------------------------------------------- bookkeeping
