@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sensor_predictor.model_contract import MODEL_ARTIFACT, model_metadata
+
 
 def log_model_with_features(tracking_uri: str, feature_names: list[str]) -> tuple[str, int]:
     """A valid scaler + KMeans pipeline whose feature names no reading carries."""
@@ -21,8 +23,8 @@ def log_model_with_features(tracking_uri: str, feature_names: list[str]) -> tupl
     pipeline.fit(rng.normal(size=(300, len(feature_names))))
     with mlflow.start_run() as run:
         info = mlflow.sklearn.log_model(
-            pipeline, name="model", registered_model_name="sensor_predictor_test_wrong_features",
+            pipeline, name=MODEL_ARTIFACT,
+            registered_model_name="sensor_predictor_test_wrong_features",
             pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
-            metadata={"feature_names": feature_names,
-                      "training_cluster_proportions": [1 / 3] * 3, "n_clusters": 3})
+            metadata=model_metadata(feature_names, [1 / 3] * 3, 3))
     return run.info.run_id, int(info.registered_model_version)

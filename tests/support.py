@@ -202,6 +202,8 @@ class WorkerProcess:
         env = {**os.environ, **self.env, "METRICS_PORT": str(self.metrics_port),
                "METRICS_HOST": "127.0.0.1", "LOG_FORMAT": "json"}
         env.setdefault("LOG_LEVEL", "info")
+        # Each test's own model cache (workers of one test share it), never the user's home.
+        env.setdefault("MODEL_CACHE_DIR", str(self.log_path.parent / "model-cache"))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sensor_predictor.cli", "run", *args],

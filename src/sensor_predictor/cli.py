@@ -140,7 +140,7 @@ async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from sensor_predictor.simulator import run_simulation
+    from sensor_predictor.simulator.writer import run_simulation
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -66,6 +66,8 @@ class Settings:
     migrate_on_start: bool = True
     log_level: str = "info"
     log_format: str = "auto"
+    # Verified models kept for a restart without MLflow; "off" keeps none. "~" is expanded.
+    model_cache_dir: str = "~/.cache/sensor-predictor"
 
     @property
     def drift_exit_level(self) -> float:
@@ -146,6 +148,12 @@ def _log_format(raw: str) -> str:
     return lowered
 
 
+def _cache_dir(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must be a folder, or off")
+    return "off" if raw.strip().lower() == "off" else raw
+
+
 # environment variable -> (settings field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _non_empty),
@@ -167,6 +175,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MIGRATE_ON_START": ("migrate_on_start", _boolean),
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
+    "MODEL_CACHE_DIR": ("model_cache_dir", _cache_dir),
 }
 
 

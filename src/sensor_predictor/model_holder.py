@@ -1,11 +1,23 @@
-"""The model being served: loaded from MLflow off the event loop, verified, swapped atomically."""
+"""The model being served: loaded from MLflow off the event loop, verified, swapped atomically.
+
+What a model must be is in model_contract.py. Two layouts are served: ours (`runs:/<run>/model`,
+a Pipeline with ordered feature names) and the old trainer's (see legacy_model.py). A model made
+of a StandardScaler and a KMeans predicts with numpy alone (kmeans_kernel.py), and once verified
+it is kept in a local cache (model_cache.py), so a restarted worker serves it without importing
+MLflow or scikit-learn. Those two are imported only when a model must be fetched, in a thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,18 +27,25 @@ import numpy.typing as npt
 import structlog
 
 from sensor_predictor import db
+from sensor_predictor.kmeans_kernel import KMeansKernel
+from sensor_predictor.model_cache import CacheEntry, ModelCache
+from sensor_predictor.model_contract import (
+    FEATURES_KEY,
+    MODEL_ARTIFACT,
+    PROPORTIONS_KEY,
+    profile_feature_sets,
+    version_label,
+)
 
 log = structlog.get_logger("sensor_predictor.model_holder")
-
-# The name under which training.py logs the Pipeline inside its run.
-MODEL_ARTIFACT = "model"
-FEATURES_KEY = "feature_names"
-PROPORTIONS_KEY = "training_cluster_proportions"
 
 # How many recent readings the feature check samples, and the share that must carry every
 # feature the model needs (the rest may be bad readings, which happen).
 FEATURE_CHECK_SAMPLE = 100
 FEATURE_CHECK_MIN_SHARE = 0.5
+
+# The clusters row's description of its model: compared with the model, never a gate.
+BOOKKEEPING_QUERY = "SELECT silhouette_score, cluster_profiles FROM clusters WHERE id = $1"
 
 
 class ModelLoadError(Exception):
@@ -49,9 +68,16 @@ class ActiveRow:
     @property
     def model_version(self) -> str:
         """The model_version written with each prediction."""
-        if self.registered_version is not None:
-            return str(self.registered_version)
-        return f"run-{self.run_id}"[:50]
+        return version_label(self.run_id, self.registered_version)
+
+
+@dataclass(frozen=True)
+class Bookkeeping:
+    """What the clusters row says about its model besides naming it."""
+
+    n_clusters: int | None = None
+    silhouette: float | None = None
+    profiles: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,10 +85,20 @@ class LoadedModel:
     row: ActiveRow
     model_name: str
     feature_names: tuple[str, ...]
+    """The keys read from each reading's values, in the order predict() takes them."""
     n_clusters: int
     reference: tuple[float, ...] | None
-    pipeline: Any = field(repr=False)
     read_query: str = field(repr=False)
+    pipeline: Any = field(default=None, repr=False)
+    """The scikit-learn model, when it came from MLflow (None from the cache)."""
+    kernel: KMeansKernel | None = field(default=None, repr=False)
+    """The numpy predictor of a StandardScaler + KMeans; None: predict through `pipeline`."""
+    legacy: bool = False
+    """The old trainer's layout (an episode model)."""
+    model_features: tuple[str, ...] = ()
+    """The columns the model was fitted on (the 81 episode features of a legacy model)."""
+    source: str = "mlflow"
+    """Where it was loaded from: "mlflow" or "cache"."""
 
     @property
     def version(self) -> str:
@@ -78,6 +114,8 @@ class LoadedModel:
         """Cluster ids and a confidence per row (1 - nearest / second-nearest centre distance)."""
         if matrix.shape[0] == 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        if self.kernel is not None:
+            return self.kernel.predict(matrix)
         if hasattr(self.pipeline, "transform") and self.n_clusters >= 2:
             # One pass gives both: the distances to every centre, and their argmin.
             distances = np.asarray(self.pipeline.transform(matrix), dtype=np.float64)
@@ -89,46 +127,73 @@ class LoadedModel:
         return np.asarray(self.pipeline.predict(matrix), dtype=np.int64), None
 
 
-def load_and_verify(row: ActiveRow, model_name: str) -> LoadedModel:
-    """Blocking: fetch the run's model from MLflow and check it can serve. Runs in a thread."""
-    import mlflow  # imported here: ~2 s on first use, and only the worker's thread pays it
+def mlflow_module() -> Any:
+    """MLflow, imported on first use (2-5 s with scikit-learn): only a fetch pays for it."""
+    import mlflow
 
+    return mlflow
+
+
+def load_and_verify(row: ActiveRow, model_name: str,
+                    bookkeeping: Bookkeeping | None = None) -> LoadedModel:
+    """Blocking: fetch the run's model from MLflow and check it can serve. Runs in a thread."""
+    mlflow = mlflow_module()
     uri = f"runs:/{row.run_id}/{MODEL_ARTIFACT}"
     try:
-        info = mlflow.models.get_model_info(uri)
-        pipeline = mlflow.sklearn.load_model(uri)
+        with _warnings_logged(row):
+            info = mlflow.models.get_model_info(uri)
+            pipeline = mlflow.sklearn.load_model(uri)
     except Exception as exc:
-        raise ModelLoadError(_mlflow_reason(exc),
-                             f"cannot load {uri} from MLflow: {_first_line(exc)}") from exc
+        failure = ModelLoadError(_mlflow_reason(exc),
+                                 f"cannot load {uri} from MLflow: {_first_line(exc)}")
+        if failure.reason == "mlflow_unreachable":
+            raise failure from exc
+        return _verified(_legacy_or_raise(row, model_name, bookkeeping, failure), uri)
     metadata = info.metadata or {}
     names = metadata.get(FEATURES_KEY)
     if (not isinstance(names, list) or not names
             or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
-        raise ModelLoadError(
+        failure = ModelLoadError(
             "no_feature_names",
             f"{uri} carries no ordered feature names (metadata {FEATURES_KEY!r}); "
             "train it with `sensor-predictor train` or log that metadata")
+        return _verified(_legacy_or_raise(row, model_name, bookkeeping, failure), uri)
     n_in = getattr(pipeline, "n_features_in_", len(names))
     if n_in != len(names):
         raise ModelLoadError(
             "feature_mismatch",
             f"{uri} was fitted on {n_in} features but names {len(names)}")
-    n_clusters = _cluster_count(pipeline)
-    if row.n_clusters is not None and n_clusters is not None and row.n_clusters != n_clusters:
-        raise ModelLoadError(
-            "cluster_mismatch",
-            f"clusters row {row.id} says {row.n_clusters} clusters, the model has {n_clusters}")
+    n_clusters = _cluster_count(pipeline) or (bookkeeping.n_clusters if bookkeeping else None) \
+        or row.n_clusters or 1
     reference = metadata.get(PROPORTIONS_KEY)
     if reference is not None and (not isinstance(reference, list)
                                   or len(reference) != n_clusters):
         reference = None  # unusable; the drift tracker falls back to the first full window
+    from sensor_predictor.kmeans_kernel import from_pipeline
+
     model = LoadedModel(
         row=row, model_name=model_name, feature_names=tuple(names),
-        n_clusters=int(n_clusters or row.n_clusters or 1),
+        n_clusters=int(n_clusters),
         reference=tuple(float(p) for p in reference) if reference else None,
-        pipeline=pipeline, read_query=db.read_range_query(names))
+        read_query=db.read_range_query(names), pipeline=pipeline,
+        kernel=from_pipeline(pipeline), model_features=tuple(names))
+    return _verified(model, uri)
+
+
+def _legacy_or_raise(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
+                     failure: ModelLoadError) -> LoadedModel:
+    """The run in the old trainer's layout, when it is one; else `failure`."""
+    from sensor_predictor import legacy_model
+
+    model = legacy_model.load_if_legacy(row, model_name, bookkeeping)
+    if model is None:
+        raise failure
+    return model
+
+
+def _verified(model: LoadedModel, uri: str) -> LoadedModel:
     try:
-        labels, _ = model.predict(np.zeros((1, len(names)), dtype=np.float64))
+        labels, _ = model.predict(np.zeros((1, len(model.feature_names)), dtype=np.float64))
     except Exception as exc:
         raise ModelLoadError("probe_failed",
                              f"{uri} fails on a probe row: {_first_line(exc)}") from exc
@@ -136,6 +201,52 @@ def load_and_verify(row: ActiveRow, model_name: str) -> LoadedModel:
         raise ModelLoadError("probe_failed",
                              f"{uri} predicts cluster {int(labels[0])} for a probe row")
     return model
+
+
+@contextlib.contextmanager
+def _warnings_logged(row: ActiveRow) -> Iterator[None]:
+    """Warnings raised while unpickling a model (say, scikit-learn's InconsistentVersionWarning
+    for a model pickled by another version) are logged, not raised or printed."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    def text(w: warnings.WarningMessage) -> str:
+        return f"{w.category.__name__}: {_first_line_text(str(w.message))}"
+
+    # The model's own (scikit-learn's) warnings concern the operator; MLflow's dependencies'
+    # deprecation notices (SQLAlchemy, pydantic) do not.
+    about_model = sorted({text(w) for w in seen if w.category.__module__.startswith("sklearn")})
+    others = sorted({text(w) for w in seen} - set(about_model))
+    if about_model:
+        log.warning("model_load_warnings", run_id=row.run_id, warnings=about_model)
+    if others:
+        log.debug("model_load_library_warnings", run_id=row.run_id, warnings=others)
+
+
+def bookkeeping_mismatches(model: LoadedModel, bookkeeping: Bookkeeping | None
+                           ) -> dict[str, str]:
+    """Where the clusters row's description disagrees with the model: logged, never a gate."""
+    if bookkeeping is None:
+        return {}
+    found: dict[str, str] = {}
+    if bookkeeping.n_clusters is not None and bookkeeping.n_clusters != model.n_clusters:
+        found["n_clusters"] = (f"the row says {bookkeeping.n_clusters} clusters, the model has "
+                               f"{model.n_clusters}")
+    s = bookkeeping.silhouette
+    if s is not None and not (math.isfinite(s) and -1.0 <= s <= 1.0):
+        found["silhouette_score"] = f"{s} is not a silhouette score (-1 to 1)"
+    if bookkeeping.profiles is not None:
+        sets = profile_feature_sets(bookkeeping.profiles)
+        if len(sets) != model.n_clusters:
+            found["cluster_profiles"] = (f"{len(sets)} profiles for {model.n_clusters} "
+                                         "clusters")
+        expected = frozenset(model.model_features or model.feature_names)
+        odd = [i for i, names in enumerate(sets) if names != expected]
+        if odd:
+            found["cluster_profile_features"] = (
+                f"{len(odd)} of {len(sets)} profiles do not name the model's "
+                f"{len(expected)} features")
+    return found
 
 
 def _cluster_count(pipeline: Any) -> int | None:
@@ -158,8 +269,12 @@ def _mlflow_reason(exc: Exception) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    return _first_line_text(str(exc)) or type(exc).__name__
+
+
+def _first_line_text(text: str) -> str:
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else "")[:300]
 
 
 async def _check_features_in_readings(pool: asyncpg.Pool, names: Sequence[str]) -> None:
@@ -179,16 +294,23 @@ async def _check_features_in_readings(pool: asyncpg.Pool, names: Sequence[str]) 
 
 
 class ModelHolder:
-    """Holds the served model; `refresh` follows the clusters table, with backoff on failure."""
+    """Holds the served model; `refresh` follows the clusters table, with backoff on failure.
 
-    def __init__(self, model_name: str, *, on_failure: Any = None) -> None:
+    With a `cache`, a model verified once is served again from it (a restart, a rollback)
+    without MLflow; one fetched from MLflow is stored in it once it serves.
+    """
+
+    def __init__(self, model_name: str, *, on_failure: Any = None,
+                 cache: ModelCache | None = None) -> None:
         self.model_name = model_name
         self.current: LoadedModel | None = None
+        self.cache = cache
         self._lock = asyncio.Lock()
         self._failed_row: ActiveRow | None = None
         self._failures = 0
         self.retry_at: float | None = None  # monotonic time of the next attempt after a failure
         self._on_failure = on_failure
+        self._legacy_announced: set[tuple[str, int | None]] = set()
 
     async def active_row(self, pool: asyncpg.Pool) -> ActiveRow | None:
         r = await pool.fetchrow(db.queries()["active_model"])
@@ -196,6 +318,20 @@ class ModelHolder:
             return None
         return ActiveRow(int(r["id"]), r["mlflow_run_id"], r["mlflow_model_version"],
                          r["n_clusters"])
+
+    async def bookkeeping(self, pool: asyncpg.Pool, row: ActiveRow) -> Bookkeeping:
+        r = await pool.fetchrow(BOOKKEEPING_QUERY, row.id)
+        profiles: Any = None
+        if r is not None and r["cluster_profiles"] is not None:
+            try:
+                profiles = json.loads(r["cluster_profiles"])
+            except ValueError:
+                profiles = None
+        return Bookkeeping(
+            n_clusters=row.n_clusters,
+            silhouette=None if r is None or r["silhouette_score"] is None
+            else float(r["silhouette_score"]),
+            profiles=profiles if isinstance(profiles, Mapping) else None)
 
     async def refresh(self, pool: asyncpg.Pool) -> bool:
         """Serve the newest active row's model if it is not served yet; True when swapped."""
@@ -216,7 +352,11 @@ class ModelHolder:
                 return False
             started = time.perf_counter()
             try:
-                model = await asyncio.to_thread(load_and_verify, row, self.model_name)
+                bookkeeping = await self.bookkeeping(pool, row)
+                model = self._from_cache(row)
+                if model is None:
+                    model = await asyncio.to_thread(load_and_verify, row, self.model_name,
+                                                    bookkeeping)
                 await _check_features_in_readings(pool, model.feature_names)
             except ModelLoadError as exc:
                 self._record_failure(row, exc.reason, str(exc))
@@ -231,14 +371,70 @@ class ModelHolder:
             self._failed_row, self._failures, self.retry_at = None, 0, None
             log.info("model_swapped", model_version=model.version, run_id=model.run_id,
                      clusters_row=row.id, n_clusters=model.n_clusters,
-                     features=len(model.feature_names),
+                     features=len(model.feature_names), source=model.source,
+                     layout="legacy" if model.legacy else "pipeline",
+                     fast_path=model.kernel is not None,
                      previous_version=previous.version if previous else None,
                      load_ms=round((time.perf_counter() - started) * 1000, 1))
+            self._announce(model, bookkeeping)
+            if model.source != "cache" and self.cache is not None:
+                await asyncio.to_thread(self._store, model)
             try:
                 await pool.execute(db.queries()["mark_versions_processed"], row.run_id)
             except asyncpg.PostgresError as exc:  # bookkeeping for old tools; never fatal
                 log.warning("versions_not_marked", error=str(exc))
             return True
+
+    def _from_cache(self, row: ActiveRow) -> LoadedModel | None:
+        if self.cache is None:
+            return None
+        entry = self.cache.load(row.run_id, row.registered_version)
+        if entry is None:
+            return None
+        try:
+            kernel = KMeansKernel.from_arrays(entry.kernel)
+            if kernel.n_inputs != len(entry.feature_names) \
+                    or kernel.n_clusters != entry.n_clusters:
+                raise ValueError("its arrays do not fit its feature names and clusters")
+            model = LoadedModel(
+                row=row, model_name=self.model_name, feature_names=entry.feature_names,
+                n_clusters=entry.n_clusters, reference=entry.reference,
+                read_query=db.read_range_query(entry.feature_names), kernel=kernel,
+                legacy=entry.legacy, model_features=entry.model_features, source="cache")
+            model = _verified(model, f"cached {row.run_id}")
+        except (ValueError, TypeError, KeyError, ModelLoadError) as exc:
+            self.cache.discard(row.run_id, row.registered_version, str(exc))
+            return None
+        log.info("model_served_from_cache", run_id=row.run_id, model_version=model.version,
+                 path=str(self.cache.path(row.run_id, row.registered_version)))
+        return model
+
+    def _store(self, model: LoadedModel) -> None:
+        if self.cache is None or model.kernel is None:
+            return  # only what numpy alone can serve is worth a restart without MLflow
+        self.cache.store(CacheEntry(
+            run_id=model.run_id, registered_version=model.row.registered_version,
+            version_label=model.version, feature_names=model.feature_names,
+            model_features=model.model_features, n_clusters=model.n_clusters,
+            reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays()))
+
+    def _announce(self, model: LoadedModel, bookkeeping: Bookkeeping) -> None:
+        mismatches = bookkeeping_mismatches(model, bookkeeping)
+        if mismatches:
+            log.warning("model_bookkeeping_mismatch", run_id=model.run_id,
+                        model_version=model.version, clusters_row=model.row.id,
+                        note="the clusters row describes the model; it does not gate it: "
+                             "serving the model", **mismatches)
+        key = (model.run_id, model.row.registered_version)
+        if model.legacy and key not in self._legacy_announced:
+            self._legacy_announced.add(key)
+            log.warning(
+                "legacy_model_served", run_id=model.run_id, model_version=model.version,
+                sensors=len(model.feature_names), model_features=len(model.model_features),
+                note="a model of the old trainer, fitted on failure-episode aggregates, scores "
+                     "single readings (value for _mean/_min/_max, 0 for _std and duration) as "
+                     "the old predictor did; retrain with `sensor-predictor train` (README: "
+                     "Serving the old trainer's models)")
 
     def _record_failure(self, row: ActiveRow, reason: str, message: str) -> None:
         self._failures = self._failures + 1 if row == self._failed_row else 1
@@ -253,13 +449,18 @@ class ModelHolder:
 
 
 def configure_mlflow(tracking_uri: str) -> None:
-    """Point MLflow at the tracking server, failing fast rather than retrying for minutes."""
+    """Point MLflow at the tracking server, failing fast rather than retrying for minutes.
+
+    MLflow is not imported here (its import, with scikit-learn's, is most of a cold start): the
+    settings go to the environment, where MLflow reads them when a model is first fetched.
+    """
     # MLflow's defaults retry an unreachable server for minutes; a swap then hangs that long.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # A worker has no business phoning a third party; an operator can still opt in.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:  # already imported (the demo, a test): its URI is set explicitly
+        mlflow.set_tracking_uri(tracking_uri)

@@ -1,9 +1,9 @@
 """Train StandardScaler + KMeans on recent readings, log and register it in MLflow, activate it.
 
-What is logged is the contract with model_holder.py, which loads it: one sklearn Pipeline
-(scaler, kmeans) under the run's "model" artifact, fitted on a float64 matrix whose columns are
-the features in the order of the "feature_names" metadata, with the training cluster proportions
-(the drift reference) in "training_cluster_proportions".
+What is logged is the contract of model_contract.py, which model_holder.py loads: one sklearn
+Pipeline (scaler, kmeans) under the run's "model" artifact, fitted on a float64 matrix whose
+columns are the features in the order of the "feature_names" metadata, with the training cluster
+proportions (the drift reference) in "training_cluster_proportions".
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ import structlog
 
 from sensor_predictor import db, features
 from sensor_predictor.config import Settings
-from sensor_predictor.model_holder import FEATURES_KEY, MODEL_ARTIFACT, PROPORTIONS_KEY
-from sensor_predictor.simulator import FEATURE_NAMES, generate_feature_matrix
+from sensor_predictor.model_contract import (
+    FEATURE_NAMES,
+    LEGACY_EXPERIMENT,
+    MODEL_ARTIFACT,
+    model_metadata,
+    version_label,
+)
+from sensor_predictor.simulator.generator import generate_feature_matrix
 
 __all__ = [
     "EXPERIMENT_NAME",
@@ -37,7 +43,7 @@ __all__ = [
 
 log = structlog.get_logger("sensor_predictor.training")
 
-EXPERIMENT_NAME = "Sensor Failure Clustering"
+EXPERIMENT_NAME = LEGACY_EXPERIMENT  # the old trainer's experiment: one history
 PRODUCTION_ALIAS = "production"
 SILHOUETTE_SAMPLE = 5_000
 KMEANS_N_INIT = 3  # k-means++ starts well; each extra start costs a full fit
@@ -72,6 +78,8 @@ class FittedModel:
     proportions: tuple[float, ...]
     silhouette: float
     profiles: Profiles
+    feature_names: tuple[str, ...]
+    """The matrix's columns, in order: what the metadata must name."""
 
 
 async def load_training_matrix(
@@ -95,7 +103,14 @@ async def load_training_matrix(
 
 def fit_pipeline(matrix: Matrix, clusters: int, seed: int,
                  feature_names: Sequence[str] = FEATURE_NAMES) -> FittedModel:
-    """Blocking: fit StandardScaler + KMeans and describe the result."""
+    """Blocking: fit StandardScaler + KMeans on `matrix`, whose columns are `feature_names` in
+    that order, and describe the result."""
+    names = tuple(feature_names)
+    if matrix.ndim != 2 or matrix.shape[1] != len(names):
+        raise ValueError(f"the matrix has {matrix.shape[-1]} columns, feature_names names "
+                         f"{len(names)}")
+    if len(set(names)) != len(names):
+        raise ValueError("feature_names repeats a name")
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
     from sklearn.pipeline import Pipeline
@@ -114,14 +129,14 @@ def fit_pipeline(matrix: Matrix, clusters: int, seed: int,
         scaled, labels, sample_size=min(SILHOUETTE_SAMPLE, len(labels)), random_state=seed))
     centres = pipeline.named_steps["scaler"].inverse_transform(
         pipeline.named_steps["kmeans"].cluster_centers_)
-    profiles = {str(i): {name: float(v) for name, v in zip(feature_names, centre, strict=True)}
+    profiles = {str(i): {name: float(v) for name, v in zip(names, centre, strict=True)}
                 for i, centre in enumerate(centres.tolist())}
-    return FittedModel(pipeline, proportions, silhouette, profiles)
+    return FittedModel(pipeline, proportions, silhouette, profiles, names)
 
 
 def _fit_and_log(
     tracking_uri: str, model_name: str, experiment_name: str, matrix: Matrix, clusters: int,
-    seed: int, source: Source,
+    seed: int, source: Source, feature_names: Sequence[str] = FEATURE_NAMES,
 ) -> tuple[str, int, FittedModel]:
     """Blocking (runs in a thread): fit, log the run, register the version, move the alias."""
     import mlflow
@@ -134,7 +149,7 @@ def _fit_and_log(
     experiment_id = (experiment.experiment_id if experiment is not None
                      else mlflow.create_experiment(experiment_name))
     started = time.perf_counter()
-    fitted = fit_pipeline(matrix, clusters, seed)
+    fitted = fit_pipeline(matrix, clusters, seed, feature_names)
     fit_seconds = time.perf_counter() - started
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_params({"n_clusters": clusters, "n_readings": int(matrix.shape[0]),
@@ -149,11 +164,7 @@ def _fit_and_log(
             # Explicit: inferring them picks up whatever the interpreter has loaded (pytest...).
             pip_requirements=[f"scikit-learn=={sklearn.__version__}",
                               f"numpy=={np.__version__}"],
-            metadata={
-                FEATURES_KEY: list(FEATURE_NAMES),
-                PROPORTIONS_KEY: list(fitted.proportions),
-                "n_clusters": clusters,
-            },
+            metadata=model_metadata(fitted.feature_names, fitted.proportions, clusters),
         )
         run_id = str(run.info.run_id)
     if info.registered_model_version is None:
@@ -224,7 +235,7 @@ async def activate_model(
     Every other clusters row is deactivated and a versions notice is added, as the old
     trainer did. Activating a run that already has a row (a rollback) reactivates that row.
     """
-    notice = str(version) if version is not None else f"run-{run_id}"[:50]
+    notice = version_label(run_id, version)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", ACTIVATION_LOCK_KEY)
         await conn.execute("UPDATE clusters SET is_active = false WHERE is_active")

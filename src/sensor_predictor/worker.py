@@ -21,6 +21,7 @@ from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
 from sensor_predictor.migrate import migrate
+from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_holder import LoadedModel, ModelHolder, configure_mlflow
 from sensor_predictor.scoring import (
     PROGRESS,
@@ -49,7 +50,10 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.holder = ModelHolder(settings.model_name, on_failure=self._model_failed)
+        self.holder = ModelHolder(
+            settings.model_name, on_failure=self._model_failed,
+            cache=None if settings.model_cache_dir == "off"
+            else ModelCache(settings.model_cache_dir, settings.mlflow_tracking_uri))
         self.drift = DriftMonitor(settings, self.metrics)
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,

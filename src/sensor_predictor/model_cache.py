@@ -1,0 +1,160 @@
+"""The local cache of verified models: a restarted worker serves without MLflow or scikit-learn.
+
+One JSON file per model, named by a hash of (tracking URI, run id, registered version) and
+holding the numpy predictor's arrays and what the holder needs besides (feature names, cluster
+count, drift reference, version label). A run's artifacts never change in MLflow, so an entry
+stays true; the key's tracking URI keeps two MLflow servers apart.
+
+Writes are atomic (a temporary file in the same folder, fsynced, renamed over the entry): a
+crash leaves the old entry or the new one, never half of one. An entry that cannot be read,
+fails its checksum or does not match its key is discarded with a warning, and the model is
+fetched from MLflow as if it had never been cached. The newest KEEP_ENTRIES entries are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("sensor_predictor.model_cache")
+
+FORMAT = 1
+KEEP_ENTRIES = 16
+SUFFIX = ".model.json"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    run_id: str
+    registered_version: int | None
+    version_label: str
+    feature_names: tuple[str, ...]
+    model_features: tuple[str, ...]
+    n_clusters: int
+    reference: tuple[float, ...] | None
+    legacy: bool
+    kernel: dict[str, Any]
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class ModelCache:
+    """Entries for one tracking URI, in `directory` (created on first write)."""
+
+    def __init__(self, directory: str | Path, tracking_uri: str,
+                 keep: int = KEEP_ENTRIES) -> None:
+        self.directory = Path(directory).expanduser()
+        self.tracking_uri = tracking_uri
+        self.keep = keep
+        self._write_failed = False
+
+    def path(self, run_id: str, registered_version: int | None) -> Path:
+        key = json.dumps([self.tracking_uri, run_id, registered_version])
+        return self.directory / (hashlib.sha256(key.encode()).hexdigest()[:32] + SUFFIX)
+
+    def load(self, run_id: str, registered_version: int | None) -> CacheEntry | None:
+        """The entry, or None (absent; or unreadable, then discarded with a warning)."""
+        path = self.path(run_id, registered_version)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("model_cache_unreadable", path=str(path), error=str(exc),
+                        note="fetching the model from MLflow instead")
+            return None
+        try:
+            data = json.loads(raw)
+            body = data["entry"]
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
+            if data.get("checksum") != _checksum(body):
+                raise ValueError("checksum mismatch")
+            if (body["tracking_uri"], body["run_id"], body["registered_version"]) != (
+                    self.tracking_uri, run_id, registered_version):
+                raise ValueError("the entry is another model's")
+            reference = body["reference"]
+            entry = CacheEntry(
+                run_id=str(body["run_id"]), registered_version=body["registered_version"],
+                version_label=str(body["version_label"]),
+                feature_names=tuple(str(n) for n in body["feature_names"]),
+                model_features=tuple(str(n) for n in body["model_features"]),
+                n_clusters=int(body["n_clusters"]),
+                reference=None if reference is None else tuple(float(p) for p in reference),
+                legacy=bool(body["legacy"]), kernel=dict(body["kernel"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.discard(run_id, registered_version, f"{type(exc).__name__}: {exc}")
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: kept when older entries are pruned
+        return entry
+
+    def discard(self, run_id: str, registered_version: int | None, why: str) -> None:
+        path = self.path(run_id, registered_version)
+        log.warning("model_cache_unreadable", path=str(path), error=why[:300],
+                    note="entry discarded; fetching the model from MLflow instead")
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+    def store(self, entry: CacheEntry) -> bool:
+        """Write atomically; False (logged once) when the folder is not writable."""
+        body = {"tracking_uri": self.tracking_uri, **asdict(entry)}
+        document = {"format": FORMAT, "checksum": _checksum(json.loads(json.dumps(body))),
+                    "entry": body}
+        path = self.path(entry.run_id, entry.registered_version)
+        tmp: str | None = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(document, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(self.directory)
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("model_cache_not_writable", directory=str(self.directory),
+                            error=str(exc), note="restarts fetch the model from MLflow")
+            self._write_failed = True
+            return False
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        self._prune(keep=path)
+        log.info("model_cached", run_id=entry.run_id, model_version=entry.version_label,
+                 path=str(path))
+        return True
+
+    def _prune(self, keep: Path) -> None:
+        try:
+            entries = [p for p in self.directory.glob("*" + SUFFIX)
+                       if not p.name.startswith(".")]
+            entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return
+        for old in entries[self.keep:]:
+            if old != keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
