@@ -172,7 +172,8 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY EXECUTE
-        'SELECT $2::bigint, q.id, q.features, q.age_seconds FROM (' || read_sql || ') q'
+        'SELECT $2::bigint, q.id::bigint, q.features::float8[], q.age_seconds::float8 FROM ('
+            || read_sql || ') q'
         USING c.reading_ids, c.claim_id;
 END
 $$;
