@@ -18,7 +18,7 @@ from sensor_predictor.features import REASONS as BAD_READING_REASONS
 
 WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
 MODEL_LOAD_FAILURE_REASONS = ("mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
-                              "feature_mismatch", "cluster_mismatch", "probe_failed")
+                              "feature_mismatch", "probe_failed")
 
 # Per-reading latency, insert to prediction commit: 1 ms .. 60 s.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5,

@@ -28,6 +28,7 @@ from sensor_predictor.scoring import (
     BatchResult,
     Claim,
     claim_and_read,
+    claim_next,
     score_claim,
     take_orphan,
 )
@@ -315,7 +316,12 @@ class Worker:
                 if scored and self._orphan_check_due():
                     claim = await self._take_orphan(conn)
                 if claim is None:
-                    handed = await claim_and_read(conn, self.name, size, model)
+                    # Caught up, the read comes with the claim (one round trip less, for
+                    # latency); behind, it comes after the claim's commit, so that the cursor
+                    # row is not locked while a large batch is read and other lanes can claim.
+                    handed = (await claim_and_read(conn, self.name, size, model)
+                              if size <= self.settings.prediction_batch_size
+                              else await claim_next(conn, self.name, size))
                     if handed is PROGRESS:
                         continue
                     if handed is None:
