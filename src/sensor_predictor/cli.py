@@ -1,4 +1,4 @@
-"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, demo."""
+"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, clusters, demo."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     rescore.add_argument("--from-id", type=int, default=0, help="readings with id above this")
     rescore.add_argument("--to-id", type=int, default=None, help="up to this id (all)")
     rescore.add_argument("--batch-size", type=_positive_int, default=1000)
+
+    sub.add_parser("clusters", help="show each model version's label -> stable cluster id "
+                                    "mapping (aligned at its first use)")
 
     demo = sub.add_parser("demo", help="everything at once on a local or throwaway PostgreSQL")
     demo.add_argument("--duration", type=_positive_float, default=60.0, help="seconds (60)")
@@ -139,6 +142,28 @@ async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _clusters(settings: Settings) -> int:
+    from sensor_predictor import cluster_registry, db
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        found = await cluster_registry.mappings(conn)
+    finally:
+        await conn.close()
+    if not found:
+        print("no model aligned yet (a model is aligned the first time it is used)")
+        return 0
+    for m in found:
+        against = m.aligned_against or "nothing (the first model: its labels are the ids)"
+        served = f", last served {m.served_at:%Y-%m-%d %H:%M:%S}" if m.served_at else ""
+        print(f"model_version={m.model_version} run_id={m.run_id} aligned against "
+              f"{against}{served}")
+        for label, stable, distance in m.rows:
+            how = "new id" if distance is None else f"matched at distance {distance:.4g}"
+            print(f"  label {label} -> cluster_id {stable}  ({how})")
+    return 0
+
+
 async def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     from sensor_predictor.simulator.writer import run_simulation
 
@@ -177,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_simulate(settings, args))
         if args.command == "rescore":
             return asyncio.run(_rescore(settings, args))
+        if args.command == "clusters":
+            return asyncio.run(_clusters(settings))
         if args.command == "demo":
             from sensor_predictor.demo import run_demo
 

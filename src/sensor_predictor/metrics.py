@@ -62,8 +62,8 @@ class Metrics:
         self.predictions = Counter("sensor_predictions_total", "Predictions written.", registry=r)
         # The old dashboard reads this exact name; aioprometheus adds no _total of its own.
         self.predictions_by_cluster = Counter(
-            "sensor_predictions_by_cluster_total", "Predictions written, by cluster id.",
-            registry=r)
+            "sensor_predictions_by_cluster_total",
+            "Predictions written, by stable cluster id (the same across retrains).", registry=r)
         self.drift_score = Gauge(
             "sensor_drift_score",
             "Jensen-Shannon divergence (base 2, 0-1) of the window against the reference; "
@@ -153,11 +153,12 @@ class Metrics:
 
     # Helpers that keep numpy scalars away from aioprometheus (it rejects them): the one place
     # where values cross that edge.
-    def count_batch(self, labels: npt.NDArray[np.int64], n_clusters: int) -> None:
-        if labels.size == 0:
+    def count_batch(self, cluster_ids: npt.NDArray[np.int64]) -> None:
+        """Count a batch's predictions, by the cluster id written (the stable id)."""
+        if cluster_ids.size == 0:
             return
-        self.predictions.add({}, int(labels.size))
-        for cluster, count in enumerate(np.bincount(labels, minlength=n_clusters).tolist()):
+        self.predictions.add({}, int(cluster_ids.size))
+        for cluster, count in enumerate(np.bincount(cluster_ids).tolist()):
             if count:
                 self.predictions_by_cluster.add({"cluster_id": str(cluster)}, int(count))
 

@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -99,6 +99,9 @@ class LoadedModel:
     """The columns the model was fitted on (the 81 episode features of a legacy model)."""
     source: str = "mlflow"
     """Where it was loaded from: "mlflow" or "cache"."""
+    stable_ids: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
+    """Label -> stable cluster id (cluster_registry.py), set before the model is first used;
+    None: not aligned yet, the labels are written as they are."""
 
     @property
     def version(self) -> str:
@@ -107,6 +110,12 @@ class LoadedModel:
     @property
     def run_id(self) -> str:
         return self.row.run_id
+
+    def stable(self, labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """The stable cluster ids of the model's labels."""
+        if self.stable_ids is None:
+            return labels
+        return self.stable_ids[labels]
 
     def predict(
         self, matrix: npt.NDArray[np.float64]
@@ -358,6 +367,7 @@ class ModelHolder:
                     model = await asyncio.to_thread(load_and_verify, row, self.model_name,
                                                     bookkeeping)
                 await _check_features_in_readings(pool, model.feature_names)
+                model = await self._aligned(pool, model)
             except ModelLoadError as exc:
                 self._record_failure(row, exc.reason, str(exc))
                 return False
@@ -379,11 +389,26 @@ class ModelHolder:
             self._announce(model, bookkeeping)
             if model.source != "cache" and self.cache is not None:
                 await asyncio.to_thread(self._store, model)
+            from sensor_predictor import cluster_registry
+
+            try:  # the reference for the next model's alignment; never fatal
+                await cluster_registry.mark_served(pool, model.version)
+            except asyncpg.PostgresError as exc:
+                log.warning("served_not_marked", error=str(exc))
             try:
                 await pool.execute(db.queries()["mark_versions_processed"], row.run_id)
             except asyncpg.PostgresError as exc:  # bookkeeping for old tools; never fatal
                 log.warning("versions_not_marked", error=str(exc))
             return True
+
+    async def _aligned(self, pool: asyncpg.Pool, model: LoadedModel) -> LoadedModel:
+        """The model with its stable cluster ids, aligned (the first time it is used) against
+        the model it replaces."""
+        from sensor_predictor import cluster_registry
+
+        reference = self.current.version if self.current is not None else None
+        lookup = await cluster_registry.ensure_aligned(pool, model, reference)
+        return replace(model, stable_ids=lookup)
 
     def _from_cache(self, row: ActiveRow) -> LoadedModel | None:
         if self.cache is None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
-from sensor_predictor import db, features
+from sensor_predictor import cluster_registry, db, features
 from sensor_predictor.config import Settings
 from sensor_predictor.model_holder import ActiveRow, configure_mlflow, load_and_verify
 
@@ -35,6 +35,9 @@ async def rescore(settings: Settings, *, run_id: str, version: int | None, from_
     last: int | None = None
     cursor = from_id
     try:
+        # History speaks the same stable ids as the live stream: the model's mapping, aligned
+        # now against the model served last if this is its first use.
+        model = replace(model, stable_ids=await cluster_registry.ensure_aligned(conn, model))
         while True:
             rows = await conn.fetch(q["rescore_read"], cursor, to_id, batch_size)
             if not rows:
@@ -45,8 +48,8 @@ async def rescore(settings: Settings, *, run_id: str, version: int | None, from_
             conf = confidence.tolist() if confidence is not None else [None] * len(ids)
             async with conn.transaction():
                 predicted += await conn.fetchval(
-                    q["rescore_insert_predictions"], ids, labels.tolist(), conf, model.version,
-                    model.run_id, model.model_name)
+                    q["rescore_insert_predictions"], ids, model.stable(labels).tolist(), conf,
+                    model.version, model.run_id, model.model_name, labels.tolist())
                 if bad:
                     errors += await conn.fetchval(
                         q["rescore_insert_errors"], [b.reading_id for b in bad],

@@ -36,11 +36,22 @@ class Claim:
 class BatchResult:
     model: LoadedModel
     labels: npt.NDArray[np.int64]
+    """The model's own labels."""
     bad: list[BadReading]
     latencies: npt.NDArray[np.float64]  # seconds, insert to commit, one per prediction
     duration: float  # seconds, read to commit
     slow_path: bool
     conflicts: int = 0  # results already there, kept (see score_claim)
+    stable: npt.NDArray[np.int64] | None = None
+    """The stable cluster ids written (None: the labels, unaligned)."""
+    ids: list[int] | None = None
+    """The reading ids predicted, in the order of labels."""
+    matrix: features.Matrix | None = None
+    """Their features (what a shadow candidate reading the same features scores)."""
+
+    @property
+    def cluster_ids(self) -> npt.NDArray[np.int64]:
+        return self.labels if self.stable is None else self.stable
 
     @property
     def size(self) -> int:
@@ -132,11 +143,12 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     started = time.perf_counter()
     ids, matrix, bad, ages, slow = await _read(conn, claim, model)
     labels, confidence = model.predict(matrix)
+    stable = model.stable(labels)
     conf_list: list[float | None] = (confidence.tolist() if confidence is not None
                                      else [None] * len(ids))
-    args = (claim.claim_id, ids, labels.tolist(), conf_list, model.version, model.run_id,
+    args = (claim.claim_id, ids, stable.tolist(), conf_list, model.version, model.run_id,
             model.model_name, [b.reading_id for b in bad], [b.reason for b in bad],
-            [b.detail for b in bad])
+            [b.detail for b in bad], labels.tolist())
     # The claim row is deleted by the statement that writes the results, so the claim is
     # scored exactly once: a crash before the commit leaves the claim for someone to redo,
     # and a worker that finds it already gone writes nothing.
@@ -155,4 +167,5 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     committed = time.perf_counter()
     latencies = np.asarray(ages, dtype=np.float64) + (committed - started)
     return BatchResult(model=model, labels=labels, bad=bad, latencies=latencies,
-                       duration=committed - started, slow_path=slow, conflicts=conflicts)
+                       duration=committed - started, slow_path=slow, conflicts=conflicts,
+                       stable=stable, ids=ids, matrix=matrix)

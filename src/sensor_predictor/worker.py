@@ -363,7 +363,7 @@ class Worker:
     def _record(self, result: BatchResult) -> None:
         model = result.model
         m = self.metrics
-        m.count_batch(result.labels, model.n_clusters)
+        m.count_batch(result.cluster_ids)
         if result.conflicts:
             m.prediction_conflicts.add({}, result.conflicts)
             log.error("prediction_conflict", kept=result.conflicts, model_version=model.version,

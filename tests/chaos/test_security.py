@@ -33,6 +33,9 @@ EXPECTED_RELATION_GRANTS = {
     "predictions_id_seq": {"USAGE"},
     "reading_errors_id_seq": {"USAGE"},
     "drift_id_seq": {"USAGE"},
+    # stable cluster ids (0005): a model's mapping, written at its first use
+    "cluster_models": {"SELECT", "INSERT"},
+    "cluster_ids": {"SELECT", "INSERT"},
 }
 EXPECTED_COLUMN_GRANTS = {
     ("versions", "is_processed", "UPDATE"),
@@ -42,6 +45,8 @@ EXPECTED_COLUMN_GRANTS = {
     # rescore's INSERT ... ON CONFLICT (reading_id, model_version) DO NOTHING reads them
     ("predictions", "reading_id", "SELECT"), ("predictions", "model_version", "SELECT"),
     ("reading_errors", "reading_id", "SELECT"), ("reading_errors", "model_version", "SELECT"),
+    # the model swapped in becomes the reference for the next alignment
+    ("cluster_models", "served_at", "UPDATE"),
 }
 
 
@@ -165,7 +170,7 @@ async def test_a_login_role_with_the_worker_role_scores_and_can_do_nothing_else(
         try:
             assert await role_conn.fetchval(
                 queries["rescore_insert_predictions"], [reading_id], [0], [0.5], "rescore-probe",
-                run_id, "probe") == 1
+                run_id, "probe", [0]) == 1
             assert await role_conn.fetchval(
                 queries["rescore_insert_errors"], [reading_id], ["probe"], ["probe"],
                 "rescore-probe") == 1

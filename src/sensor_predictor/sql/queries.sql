@@ -15,13 +15,14 @@ SELECT claim_id, reading_ids, previous_worker, age_seconds FROM sp_take_orphan($
 -- name: write_claim
 -- The claim and its results in one statement (autocommit, so one transaction and one round
 -- trip): whoever deletes the claim row scored it; a worker that finds it gone writes nothing.
+-- cluster_id ($3) is the stable id (cluster_registry.py), model_label ($11) the model's own.
 WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 RETURNING id),
      written AS (
          INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
-                                  mlflow_run_id, model_name)
-         SELECT u.reading_id, u.cluster_id, u.confidence, $5, $6, $7
-           FROM unnest($2::bigint[], $3::integer[], $4::float8[])
-                AS u(reading_id, cluster_id, confidence)
+                                  mlflow_run_id, model_name, model_label)
+         SELECT u.reading_id, u.cluster_id, u.confidence, $5, $6, $7, u.label
+           FROM unnest($2::bigint[], $3::integer[], $4::float8[], $11::integer[])
+                AS u(reading_id, cluster_id, confidence, label)
           WHERE EXISTS (SELECT 1 FROM taken)
          RETURNING 1),
      failed AS (
@@ -38,10 +39,10 @@ SELECT count(*) FROM taken;  -- a data-modifying WITH runs to completion, refere
 WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 RETURNING id),
      written AS (
          INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
-                                  mlflow_run_id, model_name)
-         SELECT u.reading_id, u.cluster_id, u.confidence, $5, $6, $7
-           FROM unnest($2::bigint[], $3::integer[], $4::float8[])
-                AS u(reading_id, cluster_id, confidence)
+                                  mlflow_run_id, model_name, model_label)
+         SELECT u.reading_id, u.cluster_id, u.confidence, $5, $6, $7, u.label
+           FROM unnest($2::bigint[], $3::integer[], $4::float8[], $11::integer[])
+                AS u(reading_id, cluster_id, confidence, label)
           WHERE EXISTS (SELECT 1 FROM taken)
          ON CONFLICT (reading_id, model_version) DO NOTHING
          RETURNING 1),
@@ -152,9 +153,10 @@ SELECT id, "values"::text AS raw
 -- Idempotent: a reading already scored by this model version keeps its prediction.
 WITH inserted AS (
     INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
-                             mlflow_run_id, model_name)
-    SELECT u.reading_id, u.cluster_id, u.confidence, $4, $5, $6
-      FROM unnest($1::bigint[], $2::integer[], $3::float8[]) AS u(reading_id, cluster_id, confidence)
+                             mlflow_run_id, model_name, model_label)
+    SELECT u.reading_id, u.cluster_id, u.confidence, $4, $5, $6, u.label
+      FROM unnest($1::bigint[], $2::integer[], $3::float8[], $7::integer[])
+           AS u(reading_id, cluster_id, confidence, label)
     ON CONFLICT (reading_id, model_version) DO NOTHING
     RETURNING 1)
 SELECT count(*) FROM inserted;
