@@ -1,5 +1,4 @@
--- Stable cluster ids across retrains (see src/sensor_predictor/cluster_ids.py), and candidates
--- scored in the shadow before a promotion.
+-- Stable cluster ids across retrains (see src/sensor_predictor/cluster_ids.py).
 --
 -- Fresh and adopted (old-system) databases alike: on existing tables only catalog changes (a
 -- nullable column, a column with a constant default: no rewrite, no scan, see 0001); the rest
@@ -10,14 +9,8 @@
 -- two were the same number).
 ALTER TABLE predictions ADD COLUMN IF NOT EXISTS model_label integer;
 
--- A model marked for shadow scoring: `UPDATE clusters SET is_candidate = true WHERE ...`, or an
--- INSERT with it. The newest candidate row that is not active is scored beside the active model;
--- promoting it is an ordinary activation (is_active), which ends its shadow scoring. The clusters
--- trigger (0001) notifies the worker of either change.
-ALTER TABLE clusters ADD COLUMN IF NOT EXISTS is_candidate boolean NOT NULL DEFAULT false;
-
--- One row per model version, written the first time the model is used (activation, shadow,
--- rescore), aligned against the model served last: its centroids in reading units live in
+-- One row per model version, written the first time the model is used (activation or
+-- rescore), aligned against the model active then: its centroids in reading units live in
 -- cluster_ids, so a later model can be aligned without loading this one.
 CREATE TABLE IF NOT EXISTS cluster_models (
     model_version    varchar(50) PRIMARY KEY,

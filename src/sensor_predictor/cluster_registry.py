@@ -10,6 +10,8 @@ agree on one mapping and fresh ids are never given twice.
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -93,6 +95,8 @@ async def _ensure_aligned(conn: asyncpg.Connection, model: LoadedModel,
     existing = await _stored(conn, model)
     if existing is not None:
         return existing
+    # scipy.optimize takes a second or more to import: in a thread, never on the event loop.
+    await asyncio.to_thread(importlib.import_module, "scipy.optimize")
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *ALIGN_LOCK)
         existing = await _stored(conn, model)  # aligned by another replica meanwhile

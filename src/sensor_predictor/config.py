@@ -52,6 +52,9 @@ class Settings:
     inference_interval_seconds: float = 30.0
     drift_threshold: float = 0.1
     drift_detection_window: int = 100
+    # A drift event also needs the window's counts to be this unlikely under the reference
+    # (G-test p-value); 1.0 turns the rule off. README: Drift, for the default.
+    drift_p_value: float = 0.001
     metrics_port: int = 8001
     # Ours, beyond the old service's.
     metrics_host: str = "0.0.0.0"
@@ -119,6 +122,13 @@ def _unit_interval(raw: str) -> float:
     return value
 
 
+def _p_value(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
 def _boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -165,6 +175,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "INFERENCE_INTERVAL_SECONDS": ("inference_interval_seconds", _positive_float),
     "DRIFT_THRESHOLD": ("drift_threshold", _unit_interval),
     "DRIFT_DETECTION_WINDOW": ("drift_detection_window", _positive_int),
+    "DRIFT_P_VALUE": ("drift_p_value", _p_value),
     "METRICS_PORT": ("metrics_port", _port),
     "METRICS_HOST": ("metrics_host", _non_empty),
     "DRIFT_EXIT_THRESHOLD": ("drift_exit_threshold", _unit_interval),

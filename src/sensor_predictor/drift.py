@@ -14,6 +14,7 @@ __all__ = [
     "DriftTracker",
     "DriftUpdate",
     "distribution_to_json",
+    "g_test_p_value",
     "js_divergence",
 ]
 
@@ -60,6 +61,33 @@ def js_divergence(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
     return _js_normalised(pn, qn)
 
 
+def g_test_p_value(counts: npt.ArrayLike, reference: npt.ArrayLike) -> float:
+    """How surprising the window's cluster counts are under the reference proportions: the
+    p-value of the G-test (log-likelihood ratio, `scipy.stats.power_divergence` with
+    lambda_="log-likelihood"), chi-square with (clusters the reference expects - 1) degrees of
+    freedom. O(clusters). A count in a cluster the reference gives 0 is impossible under it:
+    p = 0. Computed with scipy.special.chdtrc (what scipy.stats.chi2.sf calls), so the worker
+    never imports scipy.stats (seconds)."""
+    from scipy.special import chdtrc
+
+    obs = np.asarray(counts, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    n = float(obs.sum())
+    if n <= 0:
+        return 1.0
+    expected = ref / ref.sum() * n
+    possible = expected > 0
+    if np.any(obs[~possible] > 0):
+        return 0.0
+    o, e = obs[possible], expected[possible]
+    df = int(possible.sum()) - 1
+    if df < 1:
+        return 1.0
+    seen = o > 0
+    g = 2.0 * float(np.dot(o[seen], np.log(o[seen] / e[seen])))
+    return float(chdtrc(df, max(g, 0.0)))
+
+
 def distribution_to_json(proportions: Sequence[float]) -> dict[str, float]:
     """Return proportions as a JSON-friendly dict keyed by cluster id as a string."""
     return {str(i): float(p) for i, p in enumerate(proportions)}
@@ -71,6 +99,9 @@ class DriftUpdate:
 
     score: float | None
     """JS divergence of the window against the reference; None until the window is full."""
+    p_value: float | None
+    """G-test p-value of the window's counts under the reference; None until the window is
+    full."""
     event: DriftEvent | None
     """Transition caused by this update; "ongoing" while still at or above the exit level."""
     peak: float | None
@@ -94,8 +125,12 @@ class DriftTracker:
         exit_threshold: float,
         reference: Sequence[float] | None = None,
         in_excursion: bool = False,
+        p_value: float = 1.0,
     ) -> None:
-        """Validate settings and start with an empty window."""
+        """Validate settings and start with an empty window.
+
+        An excursion opens when the score exceeds `threshold` and the window's p-value under
+        the reference is below `p_value` (1.0: no significance rule, the score alone)."""
         if n_clusters < 1:
             raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
         if window < 1:
@@ -105,6 +140,10 @@ class DriftTracker:
                 "thresholds must satisfy 0 <= exit_threshold <= threshold <= 1, "
                 f"got exit_threshold={exit_threshold}, threshold={threshold}"
             )
+        if not 0.0 < p_value <= 1.0:
+            raise ValueError(f"p_value must be in (0, 1], got {p_value}")
+        self._p_threshold = float(p_value)
+        self._p: float | None = None
         self._n = int(n_clusters)
         self._window = int(window)
         self._threshold = float(threshold)
@@ -141,6 +180,11 @@ class DriftTracker:
     def score(self) -> float | None:
         """Score at the last update; None until the window is full."""
         return self._score
+
+    @property
+    def p_value(self) -> float | None:
+        """G-test p-value at the last update; None until the window is full."""
+        return self._p
 
     @property
     def window_full(self) -> bool:
@@ -237,8 +281,11 @@ class DriftTracker:
                 self._reference = current.copy()
             score = _js_normalised(self._reference, current)
             self._score = score
+            # Once per batch, from the k counts: O(k) whatever the window.
+            self._p = g_test_p_value(self._counts, self._reference)
             if not self._in_excursion:
-                if score > self._threshold:
+                if score > self._threshold and (self._p_threshold >= 1.0
+                                                or self._p < self._p_threshold):
                     event = "started"
                     self._in_excursion = True
                     self._peak = score
@@ -253,6 +300,7 @@ class DriftTracker:
             self._peak = None
         return DriftUpdate(
             score=self._score,
+            p_value=self._p,
             event=event,
             peak=peak,
             reference=None if self._reference is None else tuple(self._reference.tolist()),

@@ -25,6 +25,10 @@ log = structlog.get_logger("sensor_predictor.drift")
 PEAK_WRITE_SECONDS = 1.0
 
 
+def _import_scipy_special() -> None:
+    import scipy.special  # noqa: F401
+
+
 @dataclass(frozen=True)
 class _Write:
     kind: str  # started | peak | ended
@@ -64,10 +68,12 @@ class DriftMonitor:
             exit_threshold=self._settings.drift_exit_level,
             reference=model.reference,
             in_excursion=open_row is not None,
+            p_value=self._settings.drift_p_value,
         )
         self._version = model.version
         self._metrics.drift_detected.set({}, 1 if open_row is not None else 0)
         self._metrics.drift_score.set({}, float("nan"))
+        self._metrics.drift_p_value.set({}, float("nan"))
         self._metrics.drift_window_fill.set({}, 0)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_forever(pool), name="drift-writer")
@@ -75,6 +81,9 @@ class DriftMonitor:
                  reference="training" if model.reference else "first full window",
                  window=self._settings.drift_detection_window,
                  resumed_excursion=open_row is not None)
+        # The p-value's scipy.special, imported off the event loop (~0.5 s cold), once the
+        # gauges above show the resumed state.
+        await asyncio.to_thread(_import_scipy_special)
 
     def observe(self, model: LoadedModel, labels: npt.NDArray[np.int64]) -> None:
         """Add one batch's cluster ids (only the tracked model's: a batch of the previous model
@@ -86,11 +95,14 @@ class DriftMonitor:
         m = self._metrics
         m.drift_window_fill.set({}, update.window_fill / tracker.window)
         m.drift_score.set({}, float("nan") if update.score is None else float(update.score))
+        m.drift_p_value.set({}, float("nan") if update.p_value is None
+                            else float(update.p_value))
         if update.event == "started":
             m.drift_detected.set({}, 1)
             m.drift_events.inc({})
             log.warning("drift_detected", model_version=model.version, score=update.score,
-                        threshold=self._settings.drift_threshold)
+                        threshold=self._settings.drift_threshold, p_value=update.p_value,
+                        p_value_threshold=self._settings.drift_p_value)
             self._writes.put_nowait(_Write("started", model.version, update))
             self._last_peak_write = time.monotonic()
         elif update.event == "ongoing":

@@ -68,6 +68,13 @@ class Metrics:
             "sensor_drift_score",
             "Jensen-Shannon divergence (base 2, 0-1) of the window against the reference; "
             "NaN until the window is full.", registry=r)
+        self.drift_p_value = Gauge(
+            "sensor_drift_p_value",
+            "G-test p-value of the window's cluster counts under the reference (how surprising "
+            "the window is for its size); NaN until the window is full.", registry=r)
+        self.drift_p_value_threshold = Gauge(
+            "sensor_drift_p_value_threshold",
+            "DRIFT_P_VALUE: a drift event opens only below it (1 = rule off).", registry=r)
         self.drift_detected = Gauge(
             "sensor_drift_detected", "1 while a drift excursion is open, else 0.", registry=r)
         self.drift_window_fill = Gauge(
@@ -124,6 +131,7 @@ class Metrics:
         self.ready.set({}, 0)
         self.drift_detected.set({}, 0)
         self.drift_score.set({}, math.nan)
+        self.drift_p_value.set({}, math.nan)
         self.drift_window_fill.set({}, 0)
         self.backlog.set({}, 0)
         self.open_reading_transactions.set({}, 0)

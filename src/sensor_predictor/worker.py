@@ -74,6 +74,7 @@ class Worker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._next_orphan_check = 0.0  # time.monotonic(); 0: look at the first chance
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
+        self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
 
     # -- signals from the outside ----------------------------------------------------------
 

@@ -81,6 +81,8 @@ REQUIRED_METRICS = {
     "sensor_drift_score",
     "sensor_drift_threshold",
     "sensor_drift_detected",
+    "sensor_drift_p_value",
+    "sensor_drift_p_value_threshold",
     "sensor_prediction_latency_seconds_bucket",
     "sensor_backlog_readings",
     "sensor_model_version",
@@ -236,3 +238,13 @@ def test_drift_score_and_threshold_share_a_panel() -> None:
         if {"sensor_drift_score", "sensor_drift_threshold"} <= names:
             return
     pytest.fail("no panel draws sensor_drift_score together with sensor_drift_threshold")
+
+
+def test_drift_p_value_and_its_threshold_share_a_log_scale_panel() -> None:
+    for panel in iter_panels(DASHBOARD["panels"]):
+        exprs = [t["expr"].strip() for t in panel.get("targets", [])]
+        if "sensor_drift_p_value" in exprs and "sensor_drift_p_value_threshold" in exprs:
+            scale = panel["fieldConfig"]["defaults"]["custom"]["scaleDistribution"]
+            assert scale["type"] == "log", "p-values span decades: a linear axis hides them"
+            return
+    pytest.fail("no panel draws sensor_drift_p_value together with its threshold")

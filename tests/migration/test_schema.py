@@ -50,7 +50,7 @@ EXPECTED_COLUMNS = {
     "predictions": {"id", "cluster_id", "model_version", "confidence_score", "prediction_time",
                     "mlflow_run_id", "model_name", "reading_id", "model_label"},
     "clusters": {"id", "mlflow_run_id", "mlflow_model_version", "created_at", "is_active",
-                 "n_clusters", "silhouette_score", "cluster_profiles", "is_candidate"},
+                 "n_clusters", "silhouette_score", "cluster_profiles"},
     "versions": {"id", "version", "run_id", "created_at", "is_processed"},
     "drift": {"id", "detection_time", "drift_score", "reference_distribution",
               "current_distribution", "model_version", "peak_score", "ended_at"},

@@ -361,3 +361,62 @@ def test_iid_stream_from_reference_never_starts() -> None:
     assert started == 0
     assert tracker.window_full
     assert max_score < 0.1
+
+
+# -- the significance rule (DRIFT_P_VALUE) --------------------------------------------------
+
+
+@pytest.mark.parametrize(("counts", "reference"), [
+    ([30, 20, 25, 25], [0.25, 0.25, 0.25, 0.25]),
+    ([5, 0, 40, 5], [0.1, 0.2, 0.6, 0.1]),
+    ([1, 2, 3, 994], [0.4, 0.3, 0.2, 0.1]),
+])
+def test_the_p_value_is_scipy_stats_g_test(counts: list[int], reference: list[float]) -> None:
+    from scipy.stats import power_divergence
+
+    from sensor_predictor.drift import g_test_p_value
+
+    expected = np.asarray(reference) * sum(counts)
+    want = power_divergence(counts, expected, lambda_="log-likelihood").pvalue
+    assert g_test_p_value(counts, reference) == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_a_cluster_the_reference_never_sees_is_impossible_and_an_unused_one_is_dropped() -> None:
+    from sensor_predictor.drift import g_test_p_value
+
+    assert g_test_p_value([10, 1], [1.0, 0.0]) == 0.0
+    assert g_test_p_value([10, 0, 10], [0.5, 0.0, 0.5]) == pytest.approx(1.0)
+
+
+def _stationary_alarms(window: int, p_value: float, n: int = 300_000, batch: int = 10) -> int:
+    """Drift events opened on a stationary stream of 12 clusters, some rare (the case where a
+    small window's JS score is noisiest)."""
+    rng = np.random.default_rng(window)
+    reference = np.geomspace(1, 0.05, 12)
+    reference /= reference.sum()
+    tracker = DriftTracker(12, window, 0.1, 0.075, reference=reference.tolist(),
+                           p_value=p_value)
+    labels = rng.choice(12, size=n, p=reference)
+    return sum(tracker.update(labels[i:i + batch]).event == "started"
+               for i in range(0, n, batch))
+
+
+def test_a_small_window_alarms_on_noise_without_the_p_value_rule_far_less_with_it() -> None:
+    # Window 50, stationary stream: the JS score alone crosses 0.1 by chance, over and over.
+    without = _stationary_alarms(50, p_value=1.0)
+    assert without > 100
+    assert _stationary_alarms(50, p_value=0.001) < without / 5
+
+
+def test_a_real_shift_still_opens_an_event_with_the_p_value_rule() -> None:
+    tracker = DriftTracker(4, 100, 0.1, 0.075, reference=[0.4, 0.3, 0.2, 0.1], p_value=0.001)
+    rng = np.random.default_rng(3)
+    events = [tracker.update(rng.choice(4, size=10, p=[0.1, 0.2, 0.3, 0.4])).event
+              for _ in range(20)]
+    assert "started" in events
+    assert tracker.p_value is not None and tracker.p_value < 1e-6
+
+
+def test_the_p_value_rule_rejects_a_threshold_outside_its_range() -> None:
+    with pytest.raises(ValueError, match="p_value"):
+        DriftTracker(4, 100, 0.1, 0.075, p_value=0.0)
