@@ -393,6 +393,10 @@ class Bench:
             "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
             " VALUES ($1, $2, true, $3)", a.run_id, a.version, a.n_clusters)
         backlog = int(await conn.fetchval(queries()["backlog"]))
+        # The old predictor's rows, to tell ours apart and to check they stay untouched.
+        last_old = int(await conn.fetchval("SELECT COALESCE(max(id), 0) FROM predictions"))
+        old_digest = await conn.fetchval(
+            "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM predictions p")
         say(f"adopt: migrate {m1 - m0:.2f} s; consumer's longest wait during it "
             f"{max(during, default=0) * 1000:.0f} ms (before: median "
             f"{statistics.median(before) * 1000:.1f} ms); backlog {backlog:,}")
@@ -409,11 +413,12 @@ class Bench:
         row = await conn.fetchrow(
             "SELECT count(*) AS n, min(c) AS first, max(c) AS last FROM"
             " (SELECT pg_xact_commit_timestamp(xmin) AS c FROM predictions"
-            "   WHERE model_version = $1) p", a.model_version)
+            "   WHERE id > $1) p", last_old)
         span = (row["last"] - row["first"]).total_seconds() if row["n"] else float("nan")
         check = await exactly_once(conn)
-        untouched = await conn.fetchval(
-            "SELECT count(*) FROM predictions WHERE model_version = '1'")
+        untouched = old_digest == await conn.fetchval(
+            "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM predictions p"
+            " WHERE id <= $1", last_old)
         await conn.close()
         await self.drop_db(name)
         fresh = next((d for d in self.results.get("drain", []) if d["spec"] == "default"), None)
@@ -427,7 +432,7 @@ class Bench:
             "adopted_backlog": backlog, "scored": row["n"], "drain_rate": round(rate),
             "fresh_default_drain_rate": fresh["rate"] if fresh else None,
             "adopted_vs_fresh": round(rate / fresh["rate"], 3) if fresh else None,
-            "old_predictions_untouched": untouched == scored_before,
+            "old_predictions_untouched": untouched,
             "exactly_once": check,
         }
         say(f"adopt: drained {row['n']:,} at {out['drain_rate']:,}/s = "

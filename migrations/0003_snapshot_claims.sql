@@ -49,13 +49,15 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT (claim_id % 2147483647)::integer $$;
 -- Hand out the next readings to score, at most batch_size. Returns:
 --   no row                       nothing new to hand out;
 --   claim_id NULL, no readings   progress without work (adopted rows the old predictor scored);
---   claim_id, reading_ids        a claim, locked by this session, to score and then delete.
+--   claim_id, reading_ids        a claim, locked by this session, to score and then delete;
+-- and `full`: batch_size readings were taken from the interval (fewer may be handed out, when
+-- adopted rows are skipped), so more are likely waiting: the worker is behind.
 -- The claim's commit does not wait for the disk: the commit of its results comes later in the
 -- WAL, so a crash that loses the claim loses its results too, and the readings are handed out
 -- again. The lock of this session's previous claim (already written) is released here, which
 -- saves a round trip per batch.
 CREATE FUNCTION sp_claim(worker_name text, batch_size integer)
-RETURNS TABLE (claim_id bigint, reading_ids bigint[])
+RETURNS TABLE (claim_id bigint, reading_ids bigint[], "full" boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     cur record;
@@ -134,7 +136,7 @@ BEGIN
            SET snap = cur.snap, target = cur.target, txid = cur.txid, reading_id = cur.reading_id;
         IF n > 0 THEN
             IF ids IS NULL THEN
-                RETURN QUERY SELECT NULL::bigint, '{}'::bigint[];
+                RETURN QUERY SELECT NULL::bigint, '{}'::bigint[], n >= batch_size;
                 RETURN;
             END IF;
             INSERT INTO scoring_claims AS s (reading_ids, worker, pid)
@@ -142,7 +144,7 @@ BEGIN
             RETURNING s.id INTO new_id;
             -- Held before the claim can be seen by anyone (it is seen once this commits).
             PERFORM pg_advisory_lock(21328, sp_claim_lock_key(new_id));
-            RETURN QUERY SELECT new_id, ids;
+            RETURN QUERY SELECT new_id, ids, n >= batch_size;
             RETURN;
         END IF;
         -- An interval that was already open and turned out empty: open a fresh one at once.
@@ -157,24 +159,24 @@ $$;
 -- progress without work. A value that cannot be cast fails the statement, and with it the
 -- claim (nothing is handed out): the worker then claims with sp_claim and reads the JSON.
 CREATE FUNCTION sp_claim_read(worker_name text, batch_size integer, read_sql text)
-RETURNS TABLE (claim_id bigint, id bigint, features double precision[],
+RETURNS TABLE (claim_id bigint, "full" boolean, id bigint, features double precision[],
                age_seconds double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
     c record;
 BEGIN
-    SELECT s.claim_id, s.reading_ids INTO c FROM sp_claim(worker_name, batch_size) s;
+    SELECT s.claim_id, s.reading_ids, s."full" INTO c FROM sp_claim(worker_name, batch_size) s;
     IF NOT FOUND THEN
         RETURN;
     END IF;
     IF c.claim_id IS NULL THEN
-        RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::float8[], NULL::float8;
+        RETURN QUERY SELECT NULL::bigint, c."full", NULL::bigint, NULL::float8[], NULL::float8;
         RETURN;
     END IF;
     RETURN QUERY EXECUTE
-        'SELECT $2::bigint, q.id::bigint, q.features::float8[], q.age_seconds::float8 FROM ('
-            || read_sql || ') q'
-        USING c.reading_ids, c.claim_id;
+        'SELECT $2::bigint, $3, q.id::bigint, q.features::float8[], q.age_seconds::float8'
+            ' FROM (' || read_sql || ') q'
+        USING c.reading_ids, c.claim_id, c."full";
 END
 $$;
 

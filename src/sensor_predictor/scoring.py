@@ -25,11 +25,13 @@ class Claim:
     rows: list[asyncpg.Record] | None = field(default=None, repr=False, compare=False)
     # The read query could not cast a value: go straight to reading the JSON.
     needs_raw: bool = False
+    # The claim took a whole batch from its interval: more is likely waiting.
+    full: bool = False
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Claim:
         previous = r.get("previous_worker")
-        return cls(r["claim_id"], list(r["reading_ids"]), previous)
+        return cls(r["claim_id"], list(r["reading_ids"]), previous, full=bool(r.get("full")))
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Progress:
     """sp_claim moved on without handing out work (adopted rows the old predictor scored)."""
 
 
-PROGRESS = Progress()
+PROGRESS = Progress()  # the one instance: `handed is PROGRESS`
 
 
 async def claim_next(conn: asyncpg.Connection, worker: str, batch_size: int
@@ -91,7 +93,8 @@ async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
         return None
     if rows[0]["claim_id"] is None:
         return PROGRESS
-    return Claim(rows[0]["claim_id"], [r["id"] for r in rows], rows=rows)
+    return Claim(rows[0]["claim_id"], [r["id"] for r in rows], rows=rows,
+                 full=bool(rows[0]["full"]))
 
 
 async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float

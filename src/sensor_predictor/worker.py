@@ -323,7 +323,8 @@ class Worker:
                     handed = (await claim_and_read(conn, self.name, size, model)
                               if size <= self.settings.prediction_batch_size
                               else await claim_next(conn, self.name, size))
-                    if handed is PROGRESS:
+                    if handed is PROGRESS:  # only already-scored adopted rows: behind
+                        size = next_batch_size(size, size, self.settings.prediction_batch_size)
                         continue
                     if handed is None:
                         if not self._orphan_check_due():
@@ -338,7 +339,7 @@ class Worker:
                 scored += 1
                 if result is not None:
                     self._record(result)
-                    size = next_batch_size(size, result.size,
+                    size = next_batch_size(size, size if claim.full else result.size,
                                            self.settings.prediction_batch_size)
 
     def _orphan_check_due(self) -> bool:

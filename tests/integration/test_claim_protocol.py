@@ -166,3 +166,23 @@ async def test_the_backlog_counts_what_is_waiting_claimed_or_not(
     assert await conn.fetchval("SELECT sp_backlog()") == 0
     await insert_readings(conn, [reading(i) for i in range(4)])
     assert await conn.fetchval("SELECT sp_backlog()") == 4
+
+
+async def test_adopted_rows_scored_by_the_old_predictor_are_skipped_and_the_claim_says_full(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """Rows from before the txid column read as txid '0'; those the old predictor scored are
+    passed over. A claim that took a whole batch says so even when it hands out fewer, so a
+    lane draining an adopted backlog still grows its batches."""
+    ids = await insert_readings(conn, [reading(i) for i in range(40)])
+    await conn.execute("UPDATE readings SET txid = '0'")  # as an adopted database reads them
+    scored = ids[::2]
+    await conn.execute(
+        "INSERT INTO predictions (reading_id, cluster_id, model_version)"
+        " SELECT unnest($1::bigint[]), 0, '1'", scored)
+    first = await conn.fetchrow('SELECT claim_id, reading_ids, "full" FROM sp_claim($1, 10)',
+                                "t")
+    assert first["full"] and len(first["reading_ids"]) == 5
+    assert set(first["reading_ids"]).isdisjoint(scored)
+    await conn.execute("DELETE FROM scoring_claims")
+    handed = first["reading_ids"] + await _claim_all(conn, batch=10)
+    assert sorted(handed) == sorted(set(ids) - set(scored))

@@ -2,11 +2,11 @@
 
 -- name: claim
 -- The next readings to score (see sp_claim in migrations/0003_snapshot_claims.sql).
-SELECT claim_id, reading_ids FROM sp_claim($1, $2);
+SELECT claim_id, reading_ids, "full" FROM sp_claim($1, $2);
 
 -- name: claim_read
 -- claim and the read of its features in one round trip; $3 is the model's read_range query.
-SELECT claim_id, id, features, age_seconds FROM sp_claim_read($1, $2, $3);
+SELECT claim_id, "full", id, features, age_seconds FROM sp_claim_read($1, $2, $3);
 
 -- name: take_orphan
 -- A claim whose worker's session has ended, taken over by this session (sp_take_orphan).
