@@ -50,8 +50,8 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT (claim_id % 2147483647)::integer $$;
 --   no row                       nothing new to hand out;
 --   claim_id NULL, no readings   progress without work (adopted rows the old predictor scored);
 --   claim_id, reading_ids        a claim, locked by this session, to score and then delete;
--- and `full`: batch_size readings were taken from the interval (fewer may be handed out, when
--- adopted rows are skipped), so more are likely waiting: the worker is behind.
+-- and `full`: the batch was filled, or as many rows as allowed were looked at (adopted rows
+-- already scored are passed over), so more are likely waiting: the worker is behind.
 -- The claim's commit does not wait for the disk: the commit of its results comes later in the
 -- WAL, so a crash that loses the claim loses its results too, and the readings are handed out
 -- again. The lock of this session's previous claim (already written) is released here, which
@@ -72,6 +72,10 @@ DECLARE
     ids bigint[];
     opened boolean;
     new_id bigint;
+    scan integer;
+    n_todo integer;
+    scanned bigint;
+    more boolean;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_unlock_all();
@@ -101,29 +105,40 @@ BEGIN
             from_txid := lo;
             from_id := -9223372036854775808;
         END IF;
-        SELECT count(*), (array_agg(p.txid ORDER BY p.txid DESC, p.id DESC))[1],
-               (array_agg(p.id ORDER BY p.txid DESC, p.id DESC))[1],
-               array_agg(p.id ORDER BY p.txid, p.id)
-                   FILTER (WHERE p.txid <> '0'
-                           OR NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = p.id))
-          INTO n, last_txid, last_id, ids
-          FROM (SELECT u.txid, u.id
-                  FROM (SELECT r.txid, r.id
-                          FROM unnest(running) AS x(t),
-                               LATERAL (SELECT r.txid, r.id FROM readings r
-                                         WHERE r.txid = x.t
-                                           AND (r.txid, r.id) > (cur.txid, cur.reading_id)
-                                         ORDER BY r.txid, r.id
-                                         LIMIT batch_size) r
-                        UNION ALL
-                        (SELECT r.txid, r.id FROM readings r
-                          WHERE (r.txid, r.id) > (from_txid, from_id) AND r.txid < hi
-                            AND pg_visible_in_snapshot(r.txid, cur.target)
-                          ORDER BY r.txid, r.id
-                          LIMIT batch_size)) u
-                 ORDER BY u.txid, u.id
-                 LIMIT batch_size) p;
-        IF n >= batch_size THEN
+        -- Adopted rows (txid '0', first interval only) that the old predictor scored are
+        -- passed over; there, up to 4 batches of rows are looked at to fill one batch.
+        scan := CASE WHEN cur.snap IS NULL AND cur.txid = '0' THEN 4 * batch_size
+                     ELSE batch_size END;
+        SELECT count(*), (array_agg(k.txid ORDER BY k.txid DESC, k.id DESC))[1],
+               (array_agg(k.id ORDER BY k.txid DESC, k.id DESC))[1],
+               array_agg(k.id ORDER BY k.txid, k.id) FILTER (WHERE k.todo),
+               count(*) FILTER (WHERE k.todo), max(k.scanned)
+          INTO n, last_txid, last_id, ids, n_todo, scanned
+          FROM (SELECT p.txid, p.id, p.todo,
+                       count(*) FILTER (WHERE p.todo) OVER (ORDER BY p.txid, p.id) AS seen,
+                       count(*) OVER () AS scanned
+                  FROM (SELECT u.txid, u.id,
+                               (u.txid <> '0' OR NOT EXISTS (
+                                   SELECT 1 FROM predictions o WHERE o.reading_id = u.id)) AS todo
+                          FROM (SELECT r.txid, r.id
+                                  FROM unnest(running) AS x(t),
+                                       LATERAL (SELECT r.txid, r.id FROM readings r
+                                                 WHERE r.txid = x.t
+                                                   AND (r.txid, r.id) > (cur.txid, cur.reading_id)
+                                                 ORDER BY r.txid, r.id
+                                                 LIMIT scan) r
+                                UNION ALL
+                                (SELECT r.txid, r.id FROM readings r
+                                  WHERE (r.txid, r.id) > (from_txid, from_id) AND r.txid < hi
+                                    AND pg_visible_in_snapshot(r.txid, cur.target)
+                                  ORDER BY r.txid, r.id
+                                  LIMIT scan)) u
+                         ORDER BY u.txid, u.id
+                         LIMIT scan) p) k
+         -- up to and including the batch_size-th reading to score
+         WHERE k.seen < batch_size OR (k.seen = batch_size AND k.todo);
+        more := n_todo >= batch_size OR scanned >= scan;
+        IF more THEN
             cur.txid := last_txid;  -- more of this interval is left
             cur.reading_id := last_id;
         ELSE
@@ -136,7 +151,7 @@ BEGIN
            SET snap = cur.snap, target = cur.target, txid = cur.txid, reading_id = cur.reading_id;
         IF n > 0 THEN
             IF ids IS NULL THEN
-                RETURN QUERY SELECT NULL::bigint, '{}'::bigint[], n >= batch_size;
+                RETURN QUERY SELECT NULL::bigint, '{}'::bigint[], more;
                 RETURN;
             END IF;
             INSERT INTO scoring_claims AS s (reading_ids, worker, pid)
@@ -144,7 +159,7 @@ BEGIN
             RETURNING s.id INTO new_id;
             -- Held before the claim can be seen by anyone (it is seen once this commits).
             PERFORM pg_advisory_lock(21328, sp_claim_lock_key(new_id));
-            RETURN QUERY SELECT new_id, ids, n >= batch_size;
+            RETURN QUERY SELECT new_id, ids, more;
             RETURN;
         END IF;
         -- An interval that was already open and turned out empty: open a fresh one at once.

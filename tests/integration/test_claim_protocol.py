@@ -171,8 +171,8 @@ async def test_the_backlog_counts_what_is_waiting_claimed_or_not(
 async def test_adopted_rows_scored_by_the_old_predictor_are_skipped_and_the_claim_says_full(
         database: Database, conn: asyncpg.Connection) -> None:
     """Rows from before the txid column read as txid '0'; those the old predictor scored are
-    passed over. A claim that took a whole batch says so even when it hands out fewer, so a
-    lane draining an adopted backlog still grows its batches."""
+    passed over, and a claim looks further to fill its batch, so an adopted backlog drains in
+    batches as large as a fresh one's."""
     ids = await insert_readings(conn, [reading(i) for i in range(40)])
     await conn.execute("UPDATE readings SET txid = '0'")  # as an adopted database reads them
     scored = ids[::2]
@@ -181,7 +181,8 @@ async def test_adopted_rows_scored_by_the_old_predictor_are_skipped_and_the_clai
         " SELECT unnest($1::bigint[]), 0, '1'", scored)
     first = await conn.fetchrow('SELECT claim_id, reading_ids, "full" FROM sp_claim($1, 10)',
                                 "t")
-    assert first["full"] and len(first["reading_ids"]) == 5
+    # Up to 4 batches of rows are looked at to fill one: 10 to score among the first 20.
+    assert first["full"] and len(first["reading_ids"]) == 10
     assert set(first["reading_ids"]).isdisjoint(scored)
     await conn.execute("DELETE FROM scoring_claims")
     handed = first["reading_ids"] + await _claim_all(conn, batch=10)
