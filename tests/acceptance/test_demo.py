@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from sensor_predictor.demo import histogram_quantile
-from tests.support import PgServer, free_port
+from sensor_predictor.devtools.postgres import PgServer, free_port
 
 STATUS_ROW = re.compile(r"^\s+\d+\.\ds\s+\d+\s+\d+\s", re.MULTILINE)
 

@@ -14,10 +14,18 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import StreamWriter, check_invariant, percentile, unscored, wait_settled
-from tests.chaos.conftest import Workers, served
-from tests.conftest import Database, Models, activate
-from tests.support import WorkerProcess
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.chaos import (
+    StreamWriter,
+    check_invariant,
+    percentile,
+    served,
+    unscored,
+    wait_settled,
+)
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 

@@ -9,10 +9,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import StreamWriter, check_invariant, unscored, wait_settled
-from tests.chaos.conftest import ChaosMlflow, Workers, served
-from tests.conftest import Database, Models, activate
-from tests.support import WorkerProcess
+from sensor_predictor.devtools.mlflow_server import MlflowServer
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.chaos import StreamWriter, check_invariant, served, unscored, wait_settled
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -48,7 +50,7 @@ async def _scored_up_to(conn: asyncpg.Connection, mark: int, timeout: float = 20
 @pytest.mark.timeout(300)
 async def test_mlflow_down_during_a_swap_old_model_serves_then_the_swap_goes_through(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
-        chaos_mlflow: ChaosMlflow, workers: Workers, report: Any) -> None:
+        chaos_mlflow: MlflowServer, workers: Workers, report: Any) -> None:
     conn = chaos_conn
     v1, v2 = chaos_models.v1, chaos_models.v2
     await activate(conn, *v1)

@@ -10,9 +10,13 @@ import subprocess
 import asyncpg
 import pytest
 
+from sensor_predictor.devtools.tally import tally
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.simulator import Simulator
-from tests.conftest import Models, WorkerFactory, activate, insert_readings
-from tests.support import WorkerProcess, tally, wait_for
+from tests.support.fixtures import WorkerFactory
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,8 +11,12 @@ import time
 import asyncpg
 import pytest
 
-from tests.conftest import Database, Models, WorkerFactory, activate, insert_readings, reading
-from tests.support import tally, wait_for
+from sensor_predictor.devtools.tally import tally
+from tests.support.databases import Database
+from tests.support.fixtures import WorkerFactory
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings, reading
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 

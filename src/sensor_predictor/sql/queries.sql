@@ -163,3 +163,51 @@ WITH inserted AS (
     ON CONFLICT (reading_id, model_version) DO NOTHING
     RETURNING 1)
 SELECT count(*) FROM inserted;
+
+-- ---------------------------------------------------------------------------------------
+-- Development tooling (sensor_predictor.devtools) and the demo: never on the worker's path.
+
+-- name: exactly_once_tally
+-- The invariant every scenario ends on, over the readings with id > $1: each has exactly one
+-- result, a prediction or a recorded error. Aggregated joins, not a probe per reading: the
+-- bench tallies 1.5M readings with it.
+WITH p AS (SELECT reading_id, count(*) AS n FROM predictions WHERE reading_id > $1
+            GROUP BY reading_id),
+     e AS (SELECT reading_id, count(*) AS n FROM reading_errors WHERE reading_id > $1
+            GROUP BY reading_id),
+     per_reading AS (
+        SELECT coalesce(p.n, 0) AS n_pred, coalesce(e.n, 0) AS n_err
+          FROM readings r
+          LEFT JOIN p ON p.reading_id = r.id
+          LEFT JOIN e ON e.reading_id = r.id
+         WHERE r.id > $1)
+SELECT count(*) AS readings,
+       count(*) FILTER (WHERE n_pred = 1 AND n_err = 0) AS predicted,
+       count(*) FILTER (WHERE n_err = 1 AND n_pred = 0) AS errors,
+       count(*) FILTER (WHERE n_pred + n_err = 0) AS missing,
+       count(*) FILTER (WHERE n_pred + n_err > 1) AS duplicated,
+       coalesce(sum(n_pred), 0)::bigint AS prediction_rows,
+       coalesce(sum(n_err), 0)::bigint AS error_rows
+  FROM per_reading;
+
+-- name: last_reading_id
+SELECT coalesce(max(id), 0) FROM readings;
+
+-- name: last_drift_id
+SELECT coalesce(max(id), 0) FROM drift;
+
+-- name: readings_after
+SELECT count(*) FROM readings WHERE id > $1;
+
+-- name: predictions_by_version
+-- The demo's summary: predictions of the readings with id > $1, per model, first served first.
+SELECT model_version, count(*) AS n FROM predictions WHERE reading_id > $1
+ GROUP BY model_version ORDER BY min(id);
+
+-- name: errors_by_reason
+SELECT reason, count(*) AS n FROM reading_errors WHERE reading_id > $1
+ GROUP BY reason ORDER BY reason;
+
+-- name: drift_rows_after
+SELECT model_version, drift_score, peak_score, detection_time, ended_at
+  FROM drift WHERE id > $1 ORDER BY id;
