@@ -35,9 +35,9 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["ClusterError", "PgServer", "create_database", "drop_database", "find_bindir",
-           "find_or_start", "free_port", "pg_bin", "pg_ctl", "port_answers", "start_cluster",
-           "stop_cluster"]
+__all__ = ["ClusterError", "PgServer", "alive", "create_database", "drop_database",
+           "find_bindir", "find_or_start", "free_port", "pg_bin", "pg_ctl", "port_answers",
+           "postmaster_pid", "start_cluster", "stop_cluster", "wait_gone"]
 
 # Always set; a caller's settings override them.
 BASE_SETTINGS = {"listen_addresses": "127.0.0.1"}
