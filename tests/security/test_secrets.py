@@ -24,7 +24,7 @@ from tests.support.databases import Database
 from tests.support.models import Models, activate
 from tests.support.readings import insert_readings, reading
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
+pytestmark = [pytest.mark.asyncio, pytest.mark.security]
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path, until: tuple[str, ...] = (),

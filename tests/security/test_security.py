@@ -16,7 +16,7 @@ from tests.support.databases import Database
 from tests.support.models import Models, activate
 from tests.support.readings import insert_readings, reading
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
+pytestmark = [pytest.mark.asyncio, pytest.mark.security]
 
 
 # -- the role's privileges -----------------------------------------------------------------------

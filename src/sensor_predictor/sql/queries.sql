@@ -211,3 +211,50 @@ SELECT reason, count(*) AS n FROM reading_errors WHERE reading_id > $1
 -- name: drift_rows_after
 SELECT model_version, drift_score, peak_score, detection_time, ended_at
   FROM drift WHERE id > $1 ORDER BY id;
+
+-- ---------------------------------------------------------------------------------------
+-- The listener (listener.py) and the migration runner (migrate.py).
+
+-- name: heartbeat
+-- The listen connection's keep-alive: a half-open connection never answers it.
+SELECT 1;
+
+-- name: migration_lock_try
+-- A session lock: two replicas starting together apply each file once.
+SELECT pg_try_advisory_lock($1);
+
+-- name: migration_unlock
+SELECT pg_advisory_unlock($1);
+
+-- name: migration_ledger_create
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_applied
+SELECT version FROM schema_migrations;
+
+-- name: readings_table_exists
+-- Tables without a ledger: the old system's database, adopted as it is.
+SELECT to_regclass('readings') IS NOT NULL;
+
+-- name: readings_estimate
+SELECT reltuples::bigint FROM pg_class WHERE oid = 'readings'::regclass;
+
+-- name: migration_lock_timeout
+-- How long a migration's statement may wait for a table lock (this transaction only).
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: index_is_invalid
+-- An index left invalid by an interrupted CREATE INDEX CONCURRENTLY.
+SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+ WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace;
+
+-- name: drop_index_concurrently
+-- {index}: a quoted identifier (no parameter can name an index).
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
+-- name: migration_record
+INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
