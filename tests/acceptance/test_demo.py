@@ -142,7 +142,7 @@ def test_demo_on_a_throwaway_cluster(workdir: Path, cwd: Path) -> None:
     """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
     previous run's MLflow store in the work folder is replaced: the first model is v1."""
     (workdir / "mlflow.db").write_bytes(b"a previous run's store")
-    done = subprocess.run(demo_cmd(workdir, 20), env=demo_env(), cwd=cwd, capture_output=True,
+    done = subprocess.run(demo_cmd(workdir, 10), env=demo_env(), cwd=cwd, capture_output=True,
                           text=True, timeout=280)
     out = done.stdout
     assert done.returncode == 0, f"{out}\n{done.stderr}"
