@@ -3,7 +3,25 @@ helpers from tests.support.* and never from here."""
 
 from __future__ import annotations
 
+import pytest
+
 pytest_plugins = ["tests.support.fixtures", "tests.support.chaos_fixtures"]
+
+# What makes a test take more than a few seconds: a worker process (5-20 s to start here),
+# an MLflow store (importing MLflow, logging a model), the session's trained models, or the
+# chaos tier's own cluster. A test using any of them is `slow` whatever its own marks say, so
+# `pytest -m "not slow"` stays the quick inner loop.
+SLOW_FIXTURES = frozenset({
+    "worker_factory", "workers", "models", "served_models", "mlflow_store", "mlflow_server",
+    "mlflow_uri",  # tests/integration/test_training.py: a sqlite store of its own
+    "chaos_pg", "chaos_db", "chaos_conn", "chaos_models", "chaos_mlflow",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 # Kept for tests/integration/test_training.py (being rewritten on another branch), which still
 # imports these from here; to be removed once it imports them from tests.support.
