@@ -28,6 +28,8 @@ import pytest
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer, stop_process
 from sensor_predictor.devtools.postgres import PgServer, drop_database, free_port
+from sensor_predictor.devtools.prometheus_text import parse_metrics
+from sensor_predictor.devtools.prometheus_text import value as series_value
 from tests.support.deploy_files import (
     CLI_NAME,
     dockerfile_instructions,
@@ -128,13 +130,7 @@ def http_get(url: str, timeout: float = 2) -> tuple[int, str]:
 
 
 def metric(body: str, name: str) -> float | None:
-    for line in body.splitlines():
-        if line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        if series in (name, f"{name}{{}}"):
-            return float(value)
-    return None
+    return series_value(parse_metrics(body), name)
 
 
 @pytest.fixture
