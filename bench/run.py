@@ -43,10 +43,12 @@ import numpy as np
 from bench import load, old_design
 from bench.cluster import SERVER_SETTINGS, start_cluster, stop_cluster
 from bench.cpu import CpuMeter
-from bench.worker_process import BenchWorker, histogram_quantile
 from sensor_predictor.config import load_settings
 from sensor_predictor.db import queries
 from sensor_predictor.devtools.postgres import PgServer
+from sensor_predictor.devtools.prometheus_text import quantile_between
+from sensor_predictor.devtools.tally import tally
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.logging_setup import configure_logging
 from sensor_predictor.migrate import migrate
 
@@ -181,15 +183,15 @@ class Bench:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
 
-    def worker(self, database: str, tag: str, **env: str) -> BenchWorker:
+    def worker(self, database: str, tag: str, **env: str) -> WorkerProcess:
         base = {**self.server_env(database), "MLFLOW_TRACKING_URI": self.mlflow_uri,
                 "INFERENCE_INTERVAL_SECONDS": "30", "LOG_LEVEL": "info"}
         if self.args.worker_src:  # the worker from another checkout (a patch under test)
             base["PYTHONPATH"] = os.pathsep.join(
                 [self.args.worker_src, *filter(None, [os.environ.get("PYTHONPATH")])])
-        return BenchWorker({**base, **env}, self.work / f"worker-{tag}.log", cwd=self.work)
+        return WorkerProcess({**base, **env}, self.work / f"worker-{tag}.log", cwd=self.work)
 
-    def start_worker(self, database: str, tag: str, **env: str) -> BenchWorker:
+    def start_worker(self, database: str, tag: str, **env: str) -> WorkerProcess:
         w = self.worker(database, tag, **env).start()
         self.cpu.worker_pid = w.pid
         return w
@@ -268,7 +270,7 @@ class Bench:
         profiler = None
         timeline: list[tuple[float, float, int]] = []  # (s since spawn, predictions, rss)
         try:
-            ready_s = max(await asyncio.gather(*(w.wait_ready() for w in workers)))
+            ready_s = max(await asyncio.gather(*(w.seconds_to_ready() for w in workers)))
             all_ready_at = time.time()  # replicas: the rate counts from when all of them run
             if self.args.profile:
                 profiler = subprocess.Popen(  # noqa: ASYNC220 - starts and returns at once
@@ -283,7 +285,7 @@ class Bench:
             while time.monotonic() < deadline:
                 done = 0.0
                 for w in workers:
-                    done += (await w.scrape()).get("sensor_predictions_total", 0.0)
+                    done += (await w.ascrape()).get("sensor_predictions_total", 0.0)
                 timeline.append((time.monotonic() - workers[0].started_at, done,
                                  sum(w.proc_status()["VmRSS"] for w in workers)))
                 if done >= n:
@@ -298,7 +300,7 @@ class Bench:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     profiler.wait(30)
             for w in workers:
-                await w.stop()
+                await w.astop()
         started = next((e for e in workers[0].events() if e.get("event") == "worker_starting"),
                        {})
         since = all_ready_at if replicas > 1 else 0.0
@@ -402,14 +404,14 @@ class Bench:
             f"{statistics.median(before) * 1000:.1f} ms); backlog {backlog:,}")
         w = self.start_worker(name, "adopt")
         try:
-            await w.wait_ready()
+            await w.seconds_to_ready()
             deadline = time.monotonic() + self.args.drain_cap
             while time.monotonic() < deadline:
                 if int(await conn.fetchval(queries()["backlog"])) == 0:
                     break
                 await asyncio.sleep(0.25)
         finally:
-            await w.stop()
+            await w.astop()
         row = await conn.fetchrow(
             "SELECT count(*) AS n, min(c) AS first, max(c) AS last FROM"
             " (SELECT pg_xact_commit_timestamp(xmin) AS c FROM predictions"
@@ -471,7 +473,7 @@ class Bench:
         w = self.start_worker(name, name)  # the defaults: batch 100, 2 lanes
         out: dict[str, Any] = {}
         try:
-            out["worker_ready_s"] = round(await w.wait_ready(), 2)
+            out["worker_ready_s"] = round(await w.seconds_to_ready(), 2)
             await load.produce(self.dsn(name), self.steady_producer, 1000, 3)  # warm-up
             await wait_drained(conn)
             for rate in self.args.steady_rates:
@@ -480,21 +482,21 @@ class Bench:
                 out["foreign_transaction"] = await self.foreign_transaction(conn, w, name)
             out["swaps"] = await self.swaps(conn, w, name)
             out["stepup"] = await self.stepup(conn, w, name)
-            await w.stop()
+            await w.astop()
             out["exactly_once"] = await exactly_once(conn)
             eo = out["exactly_once"]
             say(f"live: {eo['readings']:,} readings, lost {eo['lost']}, doubled "
                 f"{eo['duplicated']}, still waiting {eo['still_waiting']:,}")
         finally:
-            await w.stop()
+            await w.astop()
             await conn.close()
             await self.drop_db(name)
         return out
 
-    async def steady(self, conn: asyncpg.Connection, w: BenchWorker, db_name: str,
+    async def steady(self, conn: asyncpg.Connection, w: WorkerProcess, db_name: str,
                      rate: int) -> dict[str, Any]:
         lo = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
-        before = await w.scrape()
+        before = await w.ascrape()
         cpu0 = w.cpu_seconds()
         snap0 = self.cpu.snapshot()
         backlog: list[int] = []
@@ -516,7 +518,7 @@ class Bench:
         drain_wait = await wait_drained(conn)
         await listener.close()
         cpu = w.cpu_seconds() - cpu0
-        after = await w.scrape()
+        after = await w.ascrape()
         hi = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
         lat = await latencies(conn, lo, hi)
         commits = [r[0].timestamp() for r in await conn.fetch(
@@ -531,7 +533,7 @@ class Bench:
             "latency_ms": {k: summarize(v * 1000) for k, v in lat.items()},
             "histogram_ms": {f"p{int(q * 100)}": round(v * 1000, 2) if v is not None else None
                              for q in (0.5, 0.95, 0.99)
-                             for v in [histogram_quantile(q, before, after)]},
+                             for v in [quantile_between(q, before, after)]},
             "backlog_max": max(backlog) if backlog else None,
             "drain_after_s": _round(drain_wait),
             "worker_cpu_share": round(cpu / prod.seconds, 3),
@@ -549,7 +551,7 @@ class Bench:
             f"{out['worker_cpu_share']:.0%}; cores: {machine_cpu}")
         return out
 
-    async def swaps(self, conn: asyncpg.Connection, w: BenchWorker, db_name: str
+    async def swaps(self, conn: asyncpg.Connection, w: WorkerProcess, db_name: str
                     ) -> dict[str, Any]:
         a, b = self.models[0], self.models[1]
         row_of = {a.run_id: await conn.fetchval(
@@ -623,7 +625,7 @@ class Bench:
             f"max {out['max_s']} s (model loaded: median {out['loaded_median_s']} s)")
         return out
 
-    async def stepup(self, conn: asyncpg.Connection, w: BenchWorker, db_name: str
+    async def stepup(self, conn: asyncpg.Connection, w: WorkerProcess, db_name: str
                      ) -> dict[str, Any]:
         samples: list[tuple[float, int, float]] = []  # (t, backlog, predictions_total)
         stop = asyncio.Event()
@@ -634,7 +636,7 @@ class Bench:
             try:
                 while not stop.is_set():
                     backlog = await c.fetchval(BACKLOG_SQL)
-                    done = (await w.scrape()).get("sensor_predictions_total", 0.0)
+                    done = (await w.ascrape()).get("sensor_predictions_total", 0.0)
                     samples.append((time.monotonic() - t0, int(backlog), done))
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.5)
@@ -718,7 +720,7 @@ class Bench:
             await self.drop_db(name)
         return out
 
-    async def foreign_transaction(self, conn: asyncpg.Connection, w: BenchWorker,
+    async def foreign_transaction(self, conn: asyncpg.Connection, w: WorkerProcess,
                                   db_name: str) -> dict[str, Any]:
         """Latency at `rate` readings/s without, then with, a write transaction held open in
         another database of the same cluster (a batch job or an idle-in-transaction session
@@ -750,7 +752,7 @@ class Bench:
 
                 async def peek(_case: str = case, _mid: dict[str, float] = mid) -> None:
                     await asyncio.sleep(seconds / 2)
-                    sample = await w.scrape()  # the worker's own view, halfway through
+                    sample = await w.ascrape()  # the worker's own view, halfway through
                     _mid.update({k: v for k, v in sample.items()
                                  if k.startswith("sensor_backlog") or "transaction" in k
                                  or "oldest" in k or "waiting" in k})
@@ -820,7 +822,7 @@ class Bench:
         w = self.start_worker(name, f"{name}-0")
         rng = np.random.default_rng(7)
         try:
-            await w.wait_ready()
+            await w.seconds_to_ready()
             await wait_drained(conn, timeout=30)
             for k in range(self.args.kills):
                 await asyncio.sleep(float(rng.uniform(0.5, 1.5)))  # a random moment
@@ -828,10 +830,11 @@ class Bench:
                 t_kill = time.time()
                 w.proc.kill()  # SIGKILL: no shutdown of any kind
                 await asyncio.to_thread(w.proc.wait, 10)
-                await w.stop()
+                await w.astop()
                 w = self.start_worker(name, f"{name}-{k + 1}")  # the supervisor's restart
                 spawned = time.time()
-                ready = asyncio.create_task(w.wait_ready(timeout=self.args.restart_timeout))
+                ready = asyncio.create_task(
+                    w.seconds_to_ready(within=self.args.restart_timeout))
                 first = None
                 deadline = time.monotonic() + self.args.restart_timeout
                 while first is None and time.monotonic() < deadline:
@@ -845,7 +848,7 @@ class Bench:
                     ready_s = await ready
                 scraped: dict[str, float] = {}
                 with contextlib.suppress(Exception):
-                    scraped = await w.scrape()
+                    scraped = await w.ascrape()
                 loaded = next((e for e in w.events() if e.get("event") == "model_swapped"), None)
                 kills.append({
                     "to_first_prediction_s": (round(first.timestamp() - t_kill, 3)
@@ -865,7 +868,7 @@ class Bench:
             await producer
             with contextlib.suppress(Exception):
                 await wait_drained(conn, timeout=30)
-            await w.stop()
+            await w.astop()
         try:
             check = await exactly_once(conn)
         finally:
@@ -955,17 +958,10 @@ async def exactly_once(conn: asyncpg.Connection) -> dict[str, Any]:
     """Every reading has exactly one result (a prediction or a recorded error), or is still
     waiting (the backlog: beyond the cursor or in a claim). Run with the worker stopped."""
     backlog = int(await conn.fetchval(BACKLOG_SQL))
-    row = await conn.fetchrow("""
-        SELECT (SELECT count(*) FROM readings) AS readings,
-               (SELECT count(*) FROM predictions) AS predictions,
-               (SELECT count(*) FROM reading_errors) AS errors,
-               (SELECT count(*) FROM (SELECT reading_id FROM predictions GROUP BY reading_id
-                                       HAVING count(*) > 1) d) AS duplicated,
-               (SELECT count(*) FROM readings r
-                 WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.reading_id = r.id)
-                   AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id))
-                 AS missing""")
-    out = dict(row)
+    t = await tally(conn)
+    out: dict[str, Any] = {"readings": t.readings, "predictions": t.prediction_rows,
+                           "errors": t.error_rows, "duplicated": t.duplicated,
+                           "missing": t.missing}
     out["still_waiting"] = backlog
     out["lost"] = out["missing"] - backlog  # neither scored nor waiting: lost
     out["ok"] = out["lost"] == 0 and out["duplicated"] == 0

@@ -93,7 +93,7 @@ class Listener:
             if lost.is_set() or conn.is_closed():
                 raise ConnectionError("the listen connection was closed")
             try:
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=interval)
+                await asyncio.wait_for(conn.fetchval(db.queries()["heartbeat"]), timeout=interval)
             except TimeoutError:
                 raise ConnectionError(
                     f"heartbeat got no answer in {interval:g} s (half-open connection?)"

@@ -19,6 +19,8 @@ from pathlib import Path
 import asyncpg
 import structlog
 
+from sensor_predictor import db
+
 log = structlog.get_logger("sensor_predictor.migrate")
 
 # Any constant works as long as nothing else in the database uses it for another purpose.
@@ -30,15 +32,6 @@ _CONCURRENT_INDEX = re.compile(
 # How long a statement may wait for a table lock before the attempt is given up and retried.
 LOCK_TIMEOUT_MS = 500
 LOCK_RETRY_SECONDS = 120.0
-
-_CREATE_LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    version     integer PRIMARY KEY,
-    name        text NOT NULL,
-    applied_at  timestamptz NOT NULL DEFAULT now()
-)
-"""
-
 
 class MigrationError(Exception):
     """A migration could not be applied; the message says which and why."""
@@ -87,15 +80,14 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
 async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[int]:
     """Apply pending migrations; returns the versions applied (empty when up to date)."""
     pending_all = load_migrations(folder)
+    q = db.queries()
     await _lock(conn)
     try:
-        await conn.execute(_CREATE_LEDGER)
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        adopting = not done and await conn.fetchval(
-            "SELECT to_regclass('readings') IS NOT NULL")
+        await conn.execute(q["migration_ledger_create"])
+        done = {r["version"] for r in await conn.fetch(q["migrations_applied"])}
+        adopting = not done and await conn.fetchval(q["readings_table_exists"])
         if adopting:
-            rows = await conn.fetchval(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'readings'::regclass")
+            rows = await conn.fetchval(q["readings_estimate"])
             log.info("adopting_existing_tables", readings_estimate=max(int(rows), 0),
                      note="tables made by the old system: kept, with their rows and ids")
         applied: list[int] = []
@@ -114,7 +106,7 @@ async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[
             log.info("migrations_up_to_date", version=max(done, default=0))
         return applied
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(q["migration_unlock"], MIGRATION_LOCK_KEY)
 
 
 async def _lock(conn: asyncpg.Connection) -> None:
@@ -123,7 +115,7 @@ async def _lock(conn: asyncpg.Connection) -> None:
     CONCURRENTLY waits for every statement that holds a snapshot, and a pg_advisory_lock()
     blocked behind the migration would be one (a deadlock)."""
     delay = 0.05
-    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY):
+    while not await conn.fetchval(db.queries()["migration_lock_try"], MIGRATION_LOCK_KEY):
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
 
@@ -136,7 +128,7 @@ async def _apply_in_transaction(conn: asyncpg.Connection, migration: Migration) 
         attempt += 1
         try:
             async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'")
+                await conn.execute(db.queries()["migration_lock_timeout"], f"{LOCK_TIMEOUT_MS}ms")
                 await conn.execute(migration.sql)
                 await _record(conn, migration)
             return
@@ -164,14 +156,12 @@ async def _apply_statements(conn: asyncpg.Connection, migration: Migration) -> N
 
 async def _drop_if_invalid(conn: asyncpg.Connection, name: str) -> None:
     """An index left invalid by an interrupted CONCURRENTLY build is dropped and built again."""
-    invalid = await conn.fetchval(
-        "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-        " WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace", name)
+    invalid = await conn.fetchval(db.queries()["index_is_invalid"], name)
     if invalid:
         log.warning("invalid_index_rebuilt", index=name)
-        await conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+        quoted = '"' + name.replace('"', '""') + '"'
+        await conn.execute(db.queries()["drop_index_concurrently"].replace("{index}", quoted))
 
 
 async def _record(conn: asyncpg.Connection, migration: Migration) -> None:
-    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                       migration.version, migration.name)
+    await conn.execute(db.queries()["migration_record"], migration.version, migration.name)

@@ -32,6 +32,7 @@ from sensor_predictor.scoring import (
     score_claim,
     take_orphan,
 )
+from sensor_predictor.snapshot import WorkerSnapshot, take_snapshot
 
 log = structlog.get_logger("sensor_predictor.worker")
 
@@ -44,6 +45,9 @@ ORPHAN_CHECK_SECONDS = 0.25
 # trips whatever its size); caught up, it is back to PREDICTION_BATCH_SIZE.
 DRAIN_BATCH_FACTOR = 10
 SHUTDOWN_GRACE_SECONDS = 10.0
+# Retry delays (seconds): the first, and the ceiling they double up to.
+CONNECT_BACKOFF = (0.2, 5.0)  # the database is not reachable at the start
+RETRY_BACKOFF = (0.1, 5.0)  # a pass failed (database gone, a batch failed)
 
 
 class Worker:
@@ -134,6 +138,13 @@ class Worker:
                  and not self._stopping.is_set())
         return ready, detail
 
+    def snapshot(self) -> WorkerSnapshot:
+        """What it serves and has done so far, for an in-process watcher (the demo)."""
+        model = self.holder.current
+        return take_snapshot(self.metrics, ready=self.readiness()[0],
+                             model_version=None if model is None else str(model.version),
+                             metrics_port=self.metrics_server.port or None)
+
     def _update_ready(self) -> None:
         self.metrics.ready.set({}, 1 if self.readiness()[0] else 0)
 
@@ -172,7 +183,7 @@ class Worker:
 
     async def _connect(self) -> bool:
         """Migrate (unless told not to) and open the pool, retrying while the database is down."""
-        backoff = 0.2
+        backoff = CONNECT_BACKOFF[0]
         while not self._stopping.is_set():
             try:
                 if self.settings.migrate_on_start:
@@ -190,7 +201,7 @@ class Worker:
                             retry_in_s=backoff)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = next_backoff(backoff, CONNECT_BACKOFF)
         return False
 
     async def _track_connection(self, connection: asyncpg.Connection) -> None:
@@ -274,7 +285,7 @@ class Worker:
     # -- the drain loop ---------------------------------------------------------------------
 
     async def _drain_forever(self) -> None:
-        backoff = 0.1
+        backoff = RETRY_BACKOFF[0]
         while not self._stopping.is_set():
             await self._wake.wait()
             if self._stopping.is_set():
@@ -285,7 +296,7 @@ class Worker:
             outcomes = await asyncio.gather(*lanes, return_exceptions=True)
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if failure is None:
-                backoff = 0.1
+                backoff = RETRY_BACKOFF[0]
                 continue
             if isinstance(failure, db.UNAVAILABLE):
                 self.metrics.db_reconnects.inc({"connection": "pool"})
@@ -296,7 +307,7 @@ class Worker:
                           retry_in_s=backoff, exc_info=failure)
             # Back off, but not past the moment the listener is connected again.
             await _wait_any(self._stopping, self._reconnected, timeout=backoff)
-            backoff = 0.1 if self._reconnected.is_set() else min(backoff * 2, 5.0)
+            backoff = retry_backoff(backoff, reconnected=self._reconnected.is_set())
             self.wake("retry")
 
     async def _lane(self) -> None:
@@ -391,6 +402,17 @@ def next_batch_size(current: int, scored: int, base: int) -> int:
     if scored >= current:
         return min(current * 2, base * DRAIN_BATCH_FACTOR)
     return base
+
+
+def next_backoff(delay: float, bounds: tuple[float, float]) -> float:
+    """The delay after `delay`: doubled, never above the ceiling (`bounds` = first, ceiling)."""
+    return min(delay * 2, bounds[1])
+
+
+def retry_backoff(delay: float, *, reconnected: bool) -> float:
+    """The drain loop's next retry delay: back to the first once the listen connection is back
+    (the database is reachable again), else doubled up to the ceiling."""
+    return RETRY_BACKOFF[0] if reconnected else next_backoff(delay, RETRY_BACKOFF)
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:  # noqa: ASYNC109

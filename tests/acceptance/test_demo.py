@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from sensor_predictor.demo import histogram_quantile
-from tests.support import PgServer, free_port
+from sensor_predictor.devtools.postgres import PgServer, free_port
 
 STATUS_ROW = re.compile(r"^\s+\d+\.\ds\s+\d+\s+\d+\s", re.MULTILINE)
 
@@ -119,18 +118,6 @@ def check_full_run(output: str) -> None:
 # --------------------------------------------------------------------------- fast checks
 
 
-def test_histogram_quantile_interpolates_like_prometheus() -> None:
-    inf = float("inf")
-    buckets = [(0.01, 50.0), (0.02, 90.0), (0.05, 100.0), (inf, 100.0)]
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01)
-    assert histogram_quantile(0.7, buckets) == pytest.approx(0.015)
-    assert histogram_quantile(0.95, buckets) == pytest.approx(0.035)
-    # Ranks in the +Inf bucket report the largest finite bound; no observations: None.
-    assert histogram_quantile(0.99, [(0.01, 1.0), (inf, 10.0)]) == pytest.approx(0.01)
-    assert histogram_quantile(0.5, [(0.01, 0.0), (inf, 0.0)]) is None
-    assert histogram_quantile(0.5, []) is None
-
-
 def test_unknown_postgres_mode_is_a_usage_error(workdir: Path) -> None:
     done = subprocess.run(demo_cmd(workdir, 5), env=demo_env(DEMO_POSTGRES="mysql"),
                           capture_output=True, text=True, timeout=60)
@@ -152,12 +139,16 @@ def test_env_mode_without_postgres_variables_fails_fast(workdir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_demo_on_a_throwaway_cluster(workdir: Path, cwd: Path) -> None:
-    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once."""
-    done = subprocess.run(demo_cmd(workdir, 20), env=demo_env(), cwd=cwd, capture_output=True,
+    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
+    previous run's MLflow store in the work folder is replaced: the first model is v1."""
+    (workdir / "mlflow.db").write_bytes(b"a previous run's store")
+    done = subprocess.run(demo_cmd(workdir, 10), env=demo_env(), cwd=cwd, capture_output=True,
                           text=True, timeout=280)
     out = done.stdout
     assert done.returncode == 0, f"{out}\n{done.stderr}"
     assert "PostgreSQL: throwaway cluster" in out
+    assert "(the previous run's store was replaced)" in out
+    assert re.search(r"^model v1 trained on", out, re.MULTILINE), out
     check_full_run(out)
     assert "stopped and deleted the throwaway PostgreSQL" in out
     # Logs go to the work folder, not over the progress; nothing is left behind or running.

@@ -10,10 +10,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import GOOD_ROWS, StreamWriter, check_invariant, wait_settled
-from tests.chaos.conftest import Workers, served
-from tests.conftest import Database, Models, activate, reading
-from tests.support import FEATURES
+from tests.support.chaos import GOOD_ROWS, StreamWriter, check_invariant, served, wait_settled
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
+from tests.support.readings import FEATURES, reading
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 

@@ -14,10 +14,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import FreezableProxy, check_invariant, unscored, wait_settled
-from tests.chaos.conftest import Workers, served
-from tests.conftest import Database, Models, activate, insert_readings, reading
-from tests.support import WorkerProcess
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.chaos import FreezableProxy, check_invariant, served, unscored, wait_settled
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings, reading
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 

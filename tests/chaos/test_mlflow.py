@@ -9,10 +9,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import StreamWriter, check_invariant, unscored, wait_settled
-from tests.chaos.conftest import ChaosMlflow, Workers, served
-from tests.conftest import Database, Models, activate
-from tests.support import WorkerProcess
+from sensor_predictor.devtools.mlflow_server import MlflowServer
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.chaos import StreamWriter, check_invariant, served, unscored, wait_settled
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -37,6 +39,39 @@ async def _versions_of_readings_after(conn: asyncpg.Connection, reading_id: int)
         "SELECT DISTINCT model_version FROM predictions WHERE reading_id > $1", reading_id)}
 
 
+async def _wrote_beyond(writer: StreamWriter, mark: int, rows: int = 30,
+                        timeout: float = 20) -> int:  # noqa: ASYNC109
+    """Until the writer has committed `rows` more readings after id `mark`; its max id then."""
+    started = time.monotonic()
+    while writer.stats.committed == 0 or writer.stats.max_id < mark + rows:
+        assert time.monotonic() - started < timeout, "the writer does not progress"
+        await asyncio.sleep(0.02)
+    return writer.stats.max_id
+
+
+async def _first_prediction(conn: asyncpg.Connection, timeout: float = 20) -> None:  # noqa: ASYNC109
+    started = time.monotonic()
+    while not await conn.fetchval("SELECT count(*) FROM predictions"):
+        assert time.monotonic() - started < timeout, "nothing scored"
+        await asyncio.sleep(0.02)
+
+
+async def _switched_once(conn: asyncpg.Connection, old: str, new: str, at_least: int = 30,
+                         timeout: float = 30) -> None:  # noqa: ASYNC109
+    """Readings are handed out in stream order, so after a swap the old model predicts nothing
+    written after the first reading the new one predicted: every `old` prediction is below
+    every `new` one. Waits until the new model has predicted `at_least` readings."""
+    started = time.monotonic()
+    while int(await conn.fetchval(
+            "SELECT count(*) FROM predictions WHERE model_version = $1", new)) < at_least:
+        assert time.monotonic() - started < timeout, f"model {new} predicts nothing"
+        await asyncio.sleep(0.05)
+    last_old, first_new = await conn.fetchrow(
+        "SELECT max(reading_id) FILTER (WHERE model_version = $1),"
+        "       min(reading_id) FILTER (WHERE model_version = $2) FROM predictions", old, new)
+    assert last_old is None or last_old < first_new, (last_old, first_new)
+
+
 async def _scored_up_to(conn: asyncpg.Connection, mark: int, timeout: float = 20) -> None:  # noqa: ASYNC109
     started = time.monotonic()
     while await unscored(conn, up_to=mark) > 0:
@@ -48,14 +83,14 @@ async def _scored_up_to(conn: asyncpg.Connection, mark: int, timeout: float = 20
 @pytest.mark.timeout(300)
 async def test_mlflow_down_during_a_swap_old_model_serves_then_the_swap_goes_through(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
-        chaos_mlflow: ChaosMlflow, workers: Workers, report: Any) -> None:
+        chaos_mlflow: MlflowServer, workers: Workers, report: Any) -> None:
     conn = chaos_conn
     v1, v2 = chaos_models.v1, chaos_models.v2
     await activate(conn, *v1)
     worker = workers.start()
     await asyncio.to_thread(worker.wait_ready)
     async with StreamWriter(chaos_db.server, chaos_db.name, rows=10, pause=0.05) as writer:
-        await asyncio.sleep(1.0)
+        await _first_prediction(conn)
         await asyncio.to_thread(chaos_mlflow.stop)
         try:
             await activate(conn, *v2)
@@ -64,8 +99,7 @@ async def test_mlflow_down_during_a_swap_old_model_serves_then_the_swap_goes_thr
             assert failed is not None, worker.logs()[-3000:]
             # The old model keeps serving what is written while MLflow is away.
             swap_mark = writer.stats.max_id
-            await asyncio.sleep(2.0)
-            mark = writer.stats.max_id
+            mark = await _wrote_beyond(writer, swap_mark)
             await _scored_up_to(conn, mark)
             assert await _versions_of_readings_after(conn, swap_mark) == {str(v1[1])}
             assert (await asyncio.to_thread(worker.ready) or {}).get("model_version") == str(v1[1])
@@ -76,14 +110,12 @@ async def test_mlflow_down_during_a_swap_old_model_serves_then_the_swap_goes_thr
                                      lambda v: v == float(v2[1]), 90)
         assert swapped is not None, worker.logs()[-3000:]
         swapped = time.monotonic() - back
-        # Readings written once the swap is done are scored by the new model.
-        await asyncio.sleep(0.5)
-        after_swap = writer.stats.max_id
-        await asyncio.sleep(1.0)
+        # Readings written once the swap is done are scored by the new model, and only by it.
+        await _switched_once(conn, str(v1[1]), str(v2[1]))
         stats = await writer.stop()
     assert await wait_settled(conn, 30)
     outcome = await check_invariant(conn, served(v1, v2), stats.committed)
-    assert await _versions_of_readings_after(conn, after_swap) == {str(v2[1])}
+    await _switched_once(conn, str(v1[1]), str(v2[1]))
     failures = [e for e in worker.events() if e.get("event") == "model_load_failed"]
     assert failures and all(e["reason"] == "mlflow_unreachable" for e in failures), failures
     assert all(e["serving"] == str(v1[1]) for e in failures), failures
@@ -106,7 +138,7 @@ async def test_unknown_run_and_mismatched_features_keep_the_old_model(
     worker = workers.start()
     await asyncio.to_thread(worker.wait_ready)
     async with StreamWriter(chaos_db.server, chaos_db.name, rows=10, pause=0.05) as writer:
-        await asyncio.sleep(0.5)
+        await _first_prediction(conn)
         cases = [("0" * 32, 999, "not_found"), (*chaos_models.wrong_features, "feature_mismatch")]
         seen: list[str] = []
         for run_id, version, reason in cases:
@@ -116,8 +148,7 @@ async def test_unknown_run_and_mismatched_features_keep_the_old_model(
                                       f'reason="{reason}"', lambda v: v >= 1, 30)
             assert took is not None, worker.logs()[-3000:]
             seen.append(f"{reason} in {took:.1f} s")
-            await asyncio.sleep(1.0)
-            await _scored_up_to(conn, writer.stats.max_id)
+            await _scored_up_to(conn, await _wrote_beyond(writer, writer.stats.max_id))
             assert await _versions_of_readings_after(conn, mark) == {str(v1[1])}
             assert await _metric(worker, "sensor_model_version") == float(v1[1])
         # A later good activation goes through.
@@ -125,13 +156,11 @@ async def test_unknown_run_and_mismatched_features_keep_the_old_model(
         swapped = await _wait_metric(worker, "sensor_model_version", "",
                                      lambda v: v == float(v2[1]), 30)
         assert swapped is not None, worker.logs()[-3000:]
-        await asyncio.sleep(0.5)
-        after_swap = writer.stats.max_id
-        await asyncio.sleep(1.0)
+        await _switched_once(conn, str(v1[1]), str(v2[1]))
         stats = await writer.stop()
     assert await wait_settled(conn, 30)
     outcome = await check_invariant(conn, served(v1, v2), stats.committed)
-    assert await _versions_of_readings_after(conn, after_swap) == {str(v2[1])}
+    await _switched_once(conn, str(v1[1]), str(v2[1]))
     failures = [e for e in worker.events() if e.get("event") == "model_load_failed"]
     assert {e["reason"] for e in failures} == {"not_found", "feature_mismatch"}, failures
     assert all(e["serving"] == str(v1[1]) for e in failures)

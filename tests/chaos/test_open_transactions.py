@@ -14,18 +14,21 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import (
+from sensor_predictor.devtools.postgres import PgServer, drop_database
+from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
     StreamWriter,
     check_invariant,
     machine_id,
     percentile,
+    served,
     wait_settled,
 )
-from tests.chaos.conftest import Workers, served
-from tests.conftest import Database, Models, activate
-from tests.support import PgServer, drop_database, wait_for
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 

@@ -9,19 +9,21 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import (
+from sensor_predictor.devtools.postgres import pg_ctl
+from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
     OUTAGE,
     StreamWriter,
     check_invariant,
     machine_id,
+    served,
     unscored,
     wait_settled,
 )
-from tests.chaos.conftest import Workers, served
-from tests.conftest import Database, Models, activate
-from tests.support import pg_ctl
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -167,7 +169,7 @@ async def test_an_immediate_shutdown_mid_stream_loses_and_doubles_nothing(
     recovered: list[float] = []
     for _ in range(crashes):
         await asyncio.sleep(1.5)
-        await asyncio.to_thread(pg_ctl, server, "crash")
+        await asyncio.to_thread(pg_ctl, server, "stop", "-m", "immediate")
         await asyncio.to_thread(pg_ctl, server, "start")
         up = time.monotonic()
         conn = await _connect(chaos_db)

@@ -11,16 +11,18 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos._support import (
+from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
     StreamWriter,
     check_invariant,
     machine_id,
+    served,
     wait_settled,
 )
-from tests.chaos.conftest import Workers, served
-from tests.conftest import Database, Models, activate
+from tests.support.chaos_fixtures import Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 

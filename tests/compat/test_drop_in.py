@@ -19,15 +19,11 @@ import pytest
 import pytest_asyncio
 
 from sensor_predictor.devtools import legacy_trainer, old_system
-from tests.support import (
-    MlflowStore,
-    PgServer,
-    WorkerProcess,
-    drop_database,
-    mlflow_env,
-    tally,
-    wait_for,
-)
+from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
+from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.tally import tally
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -44,7 +40,7 @@ async def old_db(pg_server: PgServer) -> AsyncIterator[str]:
     await drop_database(pg_server, name)
 
 
-def _log_legacy(store: MlflowStore, seed: int, clusters: int
+def _log_legacy(store: MlflowServer, seed: int, clusters: int
                 ) -> tuple[str, int, dict[str, object], float]:
     rnd = np.random.default_rng(seed)
     readings = rnd.normal(size=(400, 20)) + np.repeat(np.arange(4), 100)[:, None] * 1.5
@@ -97,7 +93,7 @@ async def _scored_everything(conn: asyncpg.Connection) -> bool:
 
 @pytest.mark.timeout(400)
 async def test_the_old_systems_database_and_models_are_taken_over_without_a_gap(
-        pg_server: PgServer, old_db: str, mlflow_server: MlflowStore, tmp_path: Path) -> None:
+        pg_server: PgServer, old_db: str, mlflow_server: MlflowServer, tmp_path: Path) -> None:
     conn = await pg_server.connect(old_db)
     # 1. The old system at work: its schema, months of history, its predictor's results for
     #    part of it, and its trainer's current model, activated the old trainer's way.

@@ -15,10 +15,18 @@ from typing import Any
 
 import pytest
 
-from ._base import PYENV_ROOT, ensure_base_image, pyenv_python
-from ._docker import Daemon, Docker, Image, Unavailable, build_image, ensure_tools, start_daemon
+from tests.support.container_image import PYENV_ROOT, ensure_base_image, pyenv_python
+from tests.support.docker import (
+    REPORT,
+    Daemon,
+    Docker,
+    Image,
+    Unavailable,
+    build_image,
+    ensure_tools,
+    start_daemon,
+)
 
-REPORT: dict[str, str] = {}
 IMAGE_TAG = "sensor-predictor:container-tier"
 
 

@@ -32,22 +32,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.deploy._support import find_tool, load_compose
-from tests.deploy.test_compose_smoke import flag_value, interpolate, with_flag
-from tests.support import (
-    FEATURES,
-    ROOT,
-    MlflowStore,
-    PgServer,
-    free_port,
-    pg_ctl,
-    start_throwaway_cluster,
-    stop_process,
-    tally,
-)
-
-from ._docker import Container, Docker, Image, run_container, wait_until
-from .conftest import REPORT
+from sensor_predictor.devtools.mlflow_server import MlflowServer, stop_process
+from sensor_predictor.devtools.postgres import PgServer, free_port, pg_ctl, start_cluster
+from sensor_predictor.devtools.tally import tally
+from tests.support import ROOT
+from tests.support.deploy_files import find_tool, flag_value, interpolate, load_compose, with_flag
+from tests.support.docker import REPORT, Container, Docker, Image, run_container, wait_until
+from tests.support.readings import FEATURES
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -68,7 +59,7 @@ class Stack:
     user: str
     password: str
     secret_file: Path
-    mlflow: MlflowStore
+    mlflow: MlflowServer
     logs: Path
     metrics_port: int = field(default_factory=free_port)
     prefix: str = field(default_factory=lambda: f"sp-tier-{uuid.uuid4().hex[:8]}")
@@ -166,7 +157,7 @@ class Stack:
 
 def password_cluster(user: str, password: str, database: str) -> PgServer:
     """A throwaway cluster where `user` must give its password (scram-sha-256) over TCP."""
-    server = start_throwaway_cluster()
+    server = start_cluster()
     assert server.datadir is not None
     (server.datadir / "pg_hba.conf").write_text(
         "local all all trust\n"
@@ -187,7 +178,7 @@ def password_cluster(user: str, password: str, database: str) -> PgServer:
     return server
 
 
-def compose_mlflow(root: Path, log: Path) -> tuple[MlflowStore, subprocess.Popen[bytes]]:
+def compose_mlflow(root: Path, log: Path) -> tuple[MlflowServer, subprocess.Popen[bytes]]:
     """The compose mlflow service's command, its paths, host and port made local."""
     command = [str(c) for c in load_compose()["services"]["mlflow"]["command"]]
     assert command[:2] == ["mlflow", "server"], command
@@ -205,7 +196,7 @@ def compose_mlflow(root: Path, log: Path) -> tuple[MlflowStore, subprocess.Popen
     with open(log, "wb") as out:
         proc = subprocess.Popen([exe, *command[1:]], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True, cwd=root)
-    store = MlflowStore(f"http://127.0.0.1:{port}", root, proc)
+    store = MlflowServer(f"http://127.0.0.1:{port}", root, proc)
 
     def healthy() -> bool:
         assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-3000:]}"

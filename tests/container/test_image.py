@@ -8,8 +8,7 @@ import json
 import pytest
 
 from tests.support import ROOT
-
-from ._docker import Docker, Image
+from tests.support.docker import Docker, Image
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ._support import CLI_NAME, find_tool, load_compose, load_dashboard
+from tests.support.deploy_files import CLI_NAME, find_tool, load_compose, load_dashboard
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ._support import CLI_NAME, COMPOSE_FILE, DOCKERFILE, REPO, find_tool
+from tests.support.deploy_files import CLI_NAME, COMPOSE_FILE, DOCKERFILE, REPO, find_tool
 
 # Services built from our Dockerfile, and the subcommand each one runs.
 OUR_SERVICES = {

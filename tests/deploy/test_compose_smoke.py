@@ -13,50 +13,37 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shlex
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import MlflowStore, PgServer, drop_database, free_port, stop_process
-
-from ._support import CLI_NAME, dockerfile_instructions, find_tool, load_compose
+from sensor_predictor.devtools.mlflow_server import MlflowServer, stop_process
+from sensor_predictor.devtools.postgres import PgServer, drop_database, free_port
+from sensor_predictor.devtools.prometheus_text import parse_metrics
+from sensor_predictor.devtools.prometheus_text import value as series_value
+from tests.support.deploy_files import (
+    CLI_NAME,
+    dockerfile_instructions,
+    find_tool,
+    flag_value,
+    interpolate,
+    load_compose,
+    with_flag,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 OUR_SERVICES = ("migrate", "trainer", "simulator", "predictor")
 SECRET_MOUNT = "/run/secrets/"
-_VARIABLE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|"
-                       r"([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def interpolate(text: str, env: Mapping[str, str]) -> str:
-    """Compose's variable substitution: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1) or match.group(4)
-        op, default = match.group(2), match.group(3) or ""
-        value = env.get(name)
-        if op == ":-" and not value:
-            return default
-        if op == "-" and value is None:
-            return default
-        if op in (":?", "?") and (value is None or (op == ":?" and not value)):
-            raise AssertionError(f"compose.yaml requires ${name}: {default}")
-        return value or ""
-
-    return _VARIABLE.sub(replace, text)
 
 
 def service_environment(service: dict[str, Any]) -> dict[str, str]:
@@ -79,17 +66,6 @@ def image_environment() -> dict[str, str]:
                 key, _, value = pair.partition("=")
                 env[key] = value
     return env
-
-
-def flag_value(command: list[str], flag: str) -> str:
-    assert flag in command, f"{flag} not in the mlflow service's command {command}"
-    return command[command.index(flag) + 1]
-
-
-def with_flag(command: list[str], flag: str, value: str) -> list[str]:
-    out = list(command)
-    out[out.index(flag) + 1] = value
-    return out
 
 
 @dataclass
@@ -154,13 +130,7 @@ def http_get(url: str, timeout: float = 2) -> tuple[int, str]:
 
 
 def metric(body: str, name: str) -> float | None:
-    for line in body.splitlines():
-        if line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        if series in (name, f"{name}{{}}"):
-            return float(value)
-    return None
+    return series_value(parse_metrics(body), name)
 
 
 @pytest.fixture
@@ -181,7 +151,7 @@ def empty_database(pg_server: PgServer) -> Iterator[str]:
 
 
 @pytest.fixture
-def compose_mlflow(tmp_path: Path) -> Iterator[MlflowStore]:
+def compose_mlflow(tmp_path: Path) -> Iterator[MlflowServer]:
     """The compose mlflow service's own command, its paths, host and port made local."""
     service = load_compose()["services"]["mlflow"]
     command = [str(c) for c in service["command"]]
@@ -201,7 +171,7 @@ def compose_mlflow(tmp_path: Path) -> Iterator[MlflowStore]:
         command = with_flag(command, "--allowed-hosts", hosts)
     env = {**_base_env(tmp_path / "mlflow-home"), **service_environment(service)}
     server = Service("mlflow", [exe, *command[1:]], env, tmp_path / "mlflow.log").start()
-    store = MlflowStore(f"http://127.0.0.1:{port}", root, server.proc)
+    store = MlflowServer(f"http://127.0.0.1:{port}", root, server.proc)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -230,7 +200,7 @@ def _base_env(home: Path) -> dict[str, str]:
 
 
 def test_compose_services_run_as_plain_processes(
-    pg_server: PgServer, empty_database: str, compose_mlflow: MlflowStore, tmp_path: Path
+    pg_server: PgServer, empty_database: str, compose_mlflow: MlflowServer, tmp_path: Path
 ) -> None:
     compose = load_compose()
     cli = find_tool(CLI_NAME)

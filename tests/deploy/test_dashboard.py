@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ._support import COMPOSE_FILE, DATASOURCES, load_compose, load_dashboard
+from tests.support.deploy_files import COMPOSE_FILE, DATASOURCES, load_compose, load_dashboard
 
 # --------------------------------------------------------------------------- helpers
 

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ._support import CLI_NAME, DOCKERFILE, REPO, dockerfile_instructions
+from tests.support.deploy_files import CLI_NAME, DOCKERFILE, REPO, dockerfile_instructions
 
 INSTRUCTIONS = dockerfile_instructions()
 

@@ -11,8 +11,10 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.conftest import Database, insert_readings, reading
-from tests.support import PgServer, drop_database, wait_for
+from sensor_predictor.devtools.postgres import PgServer, drop_database
+from tests.support.databases import Database
+from tests.support.readings import insert_readings, reading
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 

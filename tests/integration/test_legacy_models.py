@@ -28,12 +28,19 @@ from sensor_predictor.devtools.legacy_trainer import (
     log_legacy_model,
     old_predictor_labels,
 )
+from sensor_predictor.devtools.mlflow_server import MlflowServer as MlflowStore
+from sensor_predictor.devtools.mlflow_server import mlflow_env
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.legacy_model import build_legacy_model
 from sensor_predictor.model_contract import FEATURE_NAMES, legacy_feature_order
 from sensor_predictor.model_holder import ActiveRow, Bookkeeping, ModelLoadError, load_and_verify
 from sensor_predictor.simulator import generate_feature_matrix
-from tests.conftest import Database, Models, WorkerFactory, activate, insert_readings
-from tests.support import ROOT, MlflowStore, WorkerProcess, mlflow_env, wait_for
+from tests.support import ROOT
+from tests.support.databases import Database
+from tests.support.fixtures import WorkerFactory
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 

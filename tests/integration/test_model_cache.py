@@ -9,8 +9,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import Models, WorkerFactory, activate, insert_readings, reading
-from tests.support import WorkerProcess, wait_for
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.fixtures import WorkerFactory
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings, reading
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 

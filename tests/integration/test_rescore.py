@@ -9,8 +9,10 @@ import sys
 import asyncpg
 import pytest
 
-from tests.conftest import Database, Models, insert_readings, reading
-from tests.support import mlflow_env
+from sensor_predictor.devtools.mlflow_server import mlflow_env
+from tests.support.databases import Database
+from tests.support.models import Models
+from tests.support.readings import insert_readings, reading
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,14 +7,24 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from sensor_predictor.devtools.mlflow_server import MlflowServer as MlflowStore
+from sensor_predictor.devtools.mlflow_server import mlflow_env
+from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.tally import tally
 from sensor_predictor.simulator import Simulator
-from tests.conftest import RUN_TAG, Database, Models, WorkerFactory, activate, insert_readings
-from tests.support import MlflowStore, PgServer, drop_database, mlflow_env, tally, wait_for
+from tests.support.databases import Database
+from tests.support.fixtures import WorkerFactory
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings
+from tests.support.waiting import wait_for
+
+RUN_TAG = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
 pytestmark = pytest.mark.asyncio
 

@@ -22,7 +22,8 @@ from sensor_predictor.training import (
     activate_model,
     train,
 )
-from tests.conftest import Database, insert_readings, reading
+from tests.support.databases import Database
+from tests.support.readings import insert_readings, reading
 
 pytestmark = pytest.mark.asyncio
 

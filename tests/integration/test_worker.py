@@ -11,8 +11,13 @@ import time
 import asyncpg
 import pytest
 
-from tests.conftest import Database, Models, WorkerFactory, activate, insert_readings, reading
-from tests.support import tally, wait_for
+from sensor_predictor import db
+from sensor_predictor.devtools.tally import tally
+from tests.support.databases import Database
+from tests.support.fixtures import WorkerFactory
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings, reading
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -325,7 +330,11 @@ async def test_sigterm_commits_in_flight_work_and_exits_zero(
     await worker.until_ready()
     for chunk in range(20):
         await insert_readings(conn, [reading(chunk * 1000 + i) for i in range(1000)])
-    await wait_for(lambda: _predicted(conn), timeout=10, interval=0.01)
+    # SIGTERM once scoring is under way and most of the 20,000 readings still wait: batches are
+    # in flight, so "committed, not abandoned" is what the end state shows.
+    assert await wait_for(lambda: _predicted(conn), timeout=10, interval=0.01), "nothing scored"
+    waiting = int(await conn.fetchval(db.queries()["backlog"]))
+    assert waiting > 0, "everything was scored before SIGTERM: nothing was in flight"
     worker.signal(signal.SIGTERM)
     started = time.monotonic()
     code = worker.wait(timeout=10)
@@ -335,7 +344,9 @@ async def test_sigterm_commits_in_flight_work_and_exits_zero(
     assert t.duplicated == 0
     # Whatever it had claimed it committed: nothing is left half-done.
     assert await conn.fetchval("SELECT count(*) FROM scoring_claims") == 0
-    assert any(e.get("event") == "worker_stopped" for e in worker.events())
+    events = [e.get("event") for e in worker.events()]
+    assert "shutdown_requested" in events and "worker_stopped" in events
+    assert t.predicted > 0, t
 
 
 async def test_a_model_served_by_an_mlflow_server_over_http(

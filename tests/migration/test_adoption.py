@@ -16,9 +16,9 @@ import pytest
 import pytest_asyncio
 
 from sensor_predictor.devtools import old_system
+from sensor_predictor.devtools.postgres import PgServer, drop_database
 from sensor_predictor.migrate import load_migrations, migrate
-from tests import old_system as old_orm
-from tests.support import PgServer, drop_database
+from tests.support import old_orm
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,9 +11,10 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from sensor_predictor.devtools.postgres import PgServer, drop_database
 from sensor_predictor.migrate import load_migrations, migrate
-from tests.conftest import Database, insert_readings, reading
-from tests.support import PgServer, drop_database
+from tests.support.databases import Database
+from tests.support.readings import insert_readings, reading
 
 pytestmark = pytest.mark.asyncio
 

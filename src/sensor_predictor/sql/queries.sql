@@ -169,3 +169,98 @@ WITH inserted AS (
     ON CONFLICT (reading_id, model_version) DO NOTHING
     RETURNING 1)
 SELECT count(*) FROM inserted;
+
+-- ---------------------------------------------------------------------------------------
+-- Development tooling (sensor_predictor.devtools) and the demo: never on the worker's path.
+
+-- name: exactly_once_tally
+-- The invariant every scenario ends on, over the readings with id > $1: each has exactly one
+-- result, a prediction or a recorded error. Aggregated joins, not a probe per reading: the
+-- bench tallies 1.5M readings with it.
+WITH p AS (SELECT reading_id, count(*) AS n FROM predictions WHERE reading_id > $1
+            GROUP BY reading_id),
+     e AS (SELECT reading_id, count(*) AS n FROM reading_errors WHERE reading_id > $1
+            GROUP BY reading_id),
+     per_reading AS (
+        SELECT coalesce(p.n, 0) AS n_pred, coalesce(e.n, 0) AS n_err
+          FROM readings r
+          LEFT JOIN p ON p.reading_id = r.id
+          LEFT JOIN e ON e.reading_id = r.id
+         WHERE r.id > $1)
+SELECT count(*) AS readings,
+       count(*) FILTER (WHERE n_pred = 1 AND n_err = 0) AS predicted,
+       count(*) FILTER (WHERE n_err = 1 AND n_pred = 0) AS errors,
+       count(*) FILTER (WHERE n_pred + n_err = 0) AS missing,
+       count(*) FILTER (WHERE n_pred + n_err > 1) AS duplicated,
+       coalesce(sum(n_pred), 0)::bigint AS prediction_rows,
+       coalesce(sum(n_err), 0)::bigint AS error_rows
+  FROM per_reading;
+
+-- name: last_reading_id
+SELECT coalesce(max(id), 0) FROM readings;
+
+-- name: last_drift_id
+SELECT coalesce(max(id), 0) FROM drift;
+
+-- name: readings_after
+SELECT count(*) FROM readings WHERE id > $1;
+
+-- name: predictions_by_version
+-- The demo's summary: predictions of the readings with id > $1, per model, first served first.
+SELECT model_version, count(*) AS n FROM predictions WHERE reading_id > $1
+ GROUP BY model_version ORDER BY min(id);
+
+-- name: errors_by_reason
+SELECT reason, count(*) AS n FROM reading_errors WHERE reading_id > $1
+ GROUP BY reason ORDER BY reason;
+
+-- name: drift_rows_after
+SELECT model_version, drift_score, peak_score, detection_time, ended_at
+  FROM drift WHERE id > $1 ORDER BY id;
+
+-- ---------------------------------------------------------------------------------------
+-- The listener (listener.py) and the migration runner (migrate.py).
+
+-- name: heartbeat
+-- The listen connection's keep-alive: a half-open connection never answers it.
+SELECT 1;
+
+-- name: migration_lock_try
+-- A session lock: two replicas starting together apply each file once.
+SELECT pg_try_advisory_lock($1);
+
+-- name: migration_unlock
+SELECT pg_advisory_unlock($1);
+
+-- name: migration_ledger_create
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_applied
+SELECT version FROM schema_migrations;
+
+-- name: readings_table_exists
+-- Tables without a ledger: the old system's database, adopted as it is.
+SELECT to_regclass('readings') IS NOT NULL;
+
+-- name: readings_estimate
+SELECT reltuples::bigint FROM pg_class WHERE oid = 'readings'::regclass;
+
+-- name: migration_lock_timeout
+-- How long a migration's statement may wait for a table lock (this transaction only).
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: index_is_invalid
+-- An index left invalid by an interrupted CREATE INDEX CONCURRENTLY.
+SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+ WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace;
+
+-- name: drop_index_concurrently
+-- {index}: a quoted identifier (no parameter can name an index).
+DROP INDEX CONCURRENTLY IF EXISTS {index};
+
+-- name: migration_record
+INSERT INTO schema_migrations (version, name) VALUES ($1, $2);

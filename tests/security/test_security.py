@@ -10,11 +10,13 @@ import asyncpg
 import pytest
 
 from sensor_predictor import db
-from tests.chaos._support import check_invariant, wait_settled
-from tests.chaos.conftest import WORKER_ROLE, LoginRole, Workers, served
-from tests.conftest import Database, Models, activate, insert_readings, reading
+from tests.support.chaos import check_invariant, served, wait_settled
+from tests.support.chaos_fixtures import WORKER_ROLE, LoginRole, Workers
+from tests.support.databases import Database
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings, reading
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
+pytestmark = [pytest.mark.asyncio, pytest.mark.security]
 
 
 # -- the role's privileges -----------------------------------------------------------------------

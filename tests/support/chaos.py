@@ -13,8 +13,12 @@ from typing import Any
 
 import asyncpg
 
-from tests.conftest import reading
-from tests.support import PgServer, Tally, tally, wait_for
+from sensor_predictor.devtools.postgres import PgServer
+from sensor_predictor.devtools.tally import Tally, tally
+from tests.support.readings import INSERT_READINGS as INSERT
+from tests.support.readings import machine_id as _machine_id
+from tests.support.readings import reading
+from tests.support.waiting import wait_for
 
 # What a writer (or the test) sees while PostgreSQL is going down, down or coming back.
 # InternalClientError ("cannot switch to state N; another operation (2) is in progress") is what
@@ -24,18 +28,13 @@ OUTAGE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError, asyncpg.InternalClientError,
 )
 
-INSERT = ('INSERT INTO readings ("timestamp", "values", machine_id)'
-          " SELECT now(), v::jsonb, $2 FROM unnest($1::text[]) AS v RETURNING id")
-
 # Pre-rendered good readings: a writer cycles through them (json.dumps per row would cost more
 # than the insert itself at a few thousand rows a second).
 GOOD_ROWS: list[str] = [json.dumps(reading(i)) for i in range(997)]
 
 
 async def machine_id(conn: asyncpg.Connection, name: str = "chaos") -> int:
-    return int(await conn.fetchval(
-        "INSERT INTO machines (machine_id) VALUES ($1) ON CONFLICT (machine_id)"
-        " DO UPDATE SET last_seen = now() RETURNING id", name))
+    return await _machine_id(conn, name)
 
 
 # -- the stream writer ---------------------------------------------------------------------------
@@ -197,9 +196,7 @@ async def check_invariant(conn: asyncpg.Connection, served: dict[str, str] | Non
     is left over. `served` maps model_version -> mlflow_run_id of every model activated."""
     t = await tally(conn)
     claims = int(await conn.fetchval("SELECT count(*) FROM scoring_claims"))
-    results = int(await conn.fetchval(
-        "SELECT (SELECT count(*) FROM predictions) + (SELECT count(*) FROM reading_errors)"))
-    outcome = Outcome(t, claims, results - t.readings)
+    outcome = Outcome(t, claims, t.prediction_rows + t.error_rows - t.readings)
     assert t.exactly_once, t
     assert outcome.extra_rows == 0, outcome
     assert claims == 0, f"{claims} scoring_claims left over"
@@ -338,5 +335,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[k]
 
 
-# Rows of the report printed at the end of the run (see conftest.pytest_terminal_summary).
+def served(*models: tuple[str, int]) -> dict[str, str]:
+    """model_version -> run_id of the given (run_id, version) models, as predictions record
+    them: check_invariant's `served`."""
+    return {str(version): run_id for run_id, version in models}
+
+
+# Rows of the report printed at the end of the run (see chaos_fixtures.pytest_terminal_summary).
 REPORT: list[dict[str, Any]] = []

@@ -19,6 +19,9 @@ from typing import Any
 
 from tests.support import ROOT
 
+# What the container tier prints in its section at the end of the run (see its conftest).
+REPORT: dict[str, str] = {}
+
 
 class Unavailable(Exception):
     """Containers cannot run on this machine (the reason says why)."""

@@ -1,5 +1,8 @@
-"""Chaos fixtures: a throwaway PostgreSQL cluster the suite owns (and stops, restarts, breaks),
-a migrated template cloned per test, an `mlflow server` the suite can stop, and its models."""
+"""Fixtures of the tiers that own their PostgreSQL (tests/chaos, tests/security): one throwaway
+cluster for the run, never the shared server on :5432, which they stop, restart and cut; a
+migrated template cloned per test; LOGIN roles that give a password (scram); an `mlflow server`
+they may stop; its models; workers; and the chaos report printed at the end of the run.
+Registered by tests/conftest.py (pytest_plugins), so both tiers share one cluster and server."""
 
 from __future__ import annotations
 
@@ -7,12 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,20 +20,19 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.chaos._support import REPORT
-from tests.conftest import Database, Models, _log_models
-from tests.support import (
-    MlflowStore,
+from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env, start_mlflow_server
+from sensor_predictor.devtools.postgres import (
     PgServer,
-    WorkerProcess,
-    drop_database,
-    free_port,
-    mlflow_env,
     pg_ctl,
     port_answers,
-    start_throwaway_cluster,
-    stop_process,
+    start_cluster,
+    stop_cluster,
 )
+from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.chaos import REPORT
+from tests.support.databases import Database, clone, create_template, drop
+from tests.support.fixtures import TEST_CLUSTER_SETTINGS
+from tests.support.models import Models, log_models
 
 WORKER_ROLE = "sensor_predictor_worker"
 
@@ -52,67 +48,31 @@ def ensure_running(server: PgServer) -> None:
 
 @pytest.fixture(scope="session")
 def chaos_pg() -> Iterator[PgServer]:
-    """One private cluster for the whole chaos suite: never the shared server on :5432."""
-    server = start_throwaway_cluster()
+    """One private cluster for the chaos and security tiers."""
+    server = start_cluster(TEST_CLUSTER_SETTINGS, prefix="sp-chaos-pg-")
     assert server.datadir is not None and server.port != 5432
     # Members of the worker role log in with a password (scram); everyone else stays on trust.
     hba = server.datadir / "pg_hba.conf"
     hba.write_text(f"host all +{WORKER_ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
-
-    async def reload() -> None:
-        conn = await server.connect()
-        try:
-            await conn.execute("SELECT pg_reload_conf()")
-        finally:
-            await conn.close()
-
-    asyncio.run(reload())
     try:
+        pg_ctl(server, "reload")
         yield server
     finally:
-        with contextlib.suppress(Exception):
-            pg_ctl(server, "stop")
-        shutil.rmtree(server.datadir, ignore_errors=True)
+        stop_cluster(server)
 
 
 @pytest.fixture(scope="session")
 def chaos_template(chaos_pg: PgServer) -> str:
-    from sensor_predictor.migrate import migrate
-
-    name = "chaos_template"
-
-    async def setup() -> None:
-        admin = await chaos_pg.connect()
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        conn = await chaos_pg.connect(name)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
-    return name
+    return create_template(chaos_pg, "chaos_template")
 
 
 @pytest.fixture
 def chaos_db(chaos_pg: PgServer, chaos_template: str) -> Iterator[Database]:
-    name = f"chaos_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        admin = await chaos_pg.connect()
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{chaos_template}"')
-        finally:
-            await admin.close()
-
     ensure_running(chaos_pg)
-    asyncio.run(create())
-    yield Database(chaos_pg, name)
+    db = clone(chaos_pg, chaos_template, prefix="chaos_")
+    yield db
     ensure_running(chaos_pg)
-    asyncio.run(drop_database(chaos_pg, name))
+    drop(db)
 
 
 @pytest_asyncio.fixture
@@ -160,79 +120,20 @@ async def login_role(chaos_db: Database, tmp_path: Path) -> AsyncIterator[LoginR
 # -- MLflow --------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChaosMlflow:
-    """A real `mlflow server` the suite may stop and start again (same port, same store)."""
-
-    store: MlflowStore
-
-    @property
-    def uri(self) -> str:
-        return self.store.uri
-
-    @property
-    def running(self) -> bool:
-        return self.store.process is not None and self.store.process.poll() is None
-
-    def stop(self) -> None:
-        if self.store.process is not None:
-            stop_process(self.store.process)
-
-    def start(self) -> float:
-        """Start it again; returns the seconds it took to answer /health."""
-        started = time.monotonic()
-        port = int(self.store.uri.rsplit(":", 1)[1])
-        self.store = start_server(self.store.root, port=port)
-        return time.monotonic() - started
-
-
-def start_server(root: Path, port: int | None = None, timeout: float = 180) -> MlflowStore:
-    """Like tests/support.start_mlflow_server, with a longer wait for /health (on a loaded
-    2-core machine a start took more than 60 s) and one log appended to across restarts."""
-    port = port or free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(root / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server",
-             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-             "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    store = MlflowStore(f"http://127.0.0.1:{port}", root, proc)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{store.uri}/health", timeout=1) as r:
-                if r.status == 200:
-                    return store
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    stop_process(proc)
-    raise RuntimeError(f"mlflow server did not become healthy in {timeout} s")
+@pytest.fixture(scope="session")
+def chaos_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real `mlflow server` the scenarios may stop and start again (same port, same store)."""
+    server = start_mlflow_server(tmp_path_factory.mktemp("chaos-mlflow"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
-def chaos_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosMlflow]:
-    mlflow = ChaosMlflow(start_server(tmp_path_factory.mktemp("chaos-mlflow")))
-    yield mlflow
-    mlflow.stop()
-
-
-@pytest.fixture(scope="session")
-def chaos_models(chaos_pg: PgServer, chaos_template: str, chaos_mlflow: ChaosMlflow) -> Models:
+def chaos_models(chaos_pg: PgServer, chaos_template: str, chaos_mlflow: MlflowServer) -> Models:
     """Trained by the product's trainer against a scratch database of the chaos cluster and
     registered in the chaos MLflow server: v1 (4 clusters), v2 (3 clusters), and a model whose
     features no reading carries."""
-    return _log_models(chaos_pg, chaos_mlflow.store)
-
-
-def served(*models: tuple[str, int]) -> dict[str, str]:
-    """model_version -> run_id of the given (run_id, version) models, as predictions record
-    them: check_invariant's `served`."""
-    return {str(version): run_id for run_id, version in models}
+    return log_models(chaos_pg, chaos_mlflow)
 
 
 # -- workers -------------------------------------------------------------------------------------
@@ -243,7 +144,7 @@ class Workers:
     """Starts `sensor-predictor run` subprocesses against the test's database; stops them all."""
 
     database: Database
-    mlflow: ChaosMlflow
+    mlflow: MlflowServer
     tmp: Path
     base: dict[str, str] = field(default_factory=dict)
     started: list[WorkerProcess] = field(default_factory=list)
@@ -270,10 +171,13 @@ class Workers:
 
 
 @pytest.fixture
-def workers(chaos_db: Database, chaos_mlflow: ChaosMlflow, tmp_path: Path) -> Iterator[Workers]:
+def workers(chaos_db: Database, chaos_mlflow: MlflowServer, tmp_path: Path) -> Iterator[Workers]:
     w = Workers(chaos_db, chaos_mlflow, tmp_path)
     yield w
     w.stop_all()
+
+
+# -- the report ----------------------------------------------------------------------------------
 
 
 @pytest.fixture

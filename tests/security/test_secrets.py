@@ -17,11 +17,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.chaos.conftest import ChaosMlflow, LoginRole
-from tests.conftest import Database, Models, activate, insert_readings, reading
-from tests.support import free_port
+from sensor_predictor.devtools.mlflow_server import MlflowServer
+from sensor_predictor.devtools.postgres import free_port
+from tests.support.chaos_fixtures import LoginRole
+from tests.support.databases import Database
+from tests.support.models import Models, activate
+from tests.support.readings import insert_readings, reading
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
+pytestmark = [pytest.mark.asyncio, pytest.mark.security]
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path, until: tuple[str, ...] = (),
@@ -79,7 +82,7 @@ def _scrape(port: int, path: str) -> str:
 @pytest.mark.timeout(400)
 async def test_no_password_in_any_output_of_run_migrate_and_train(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
-        chaos_mlflow: ChaosMlflow, login_role: LoginRole, tmp_path: Path,
+        chaos_mlflow: MlflowServer, login_role: LoginRole, tmp_path: Path,
         report: Any) -> None:
     conn = chaos_conn
     await activate(conn, *chaos_models.v1)
@@ -150,7 +153,7 @@ async def test_no_password_in_any_output_of_run_migrate_and_train(
 @pytest.mark.timeout(120)
 async def test_no_credentials_of_the_mlflow_tracking_uri_in_the_logs(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
-        chaos_mlflow: ChaosMlflow, tmp_path: Path) -> None:
+        chaos_mlflow: MlflowServer, tmp_path: Path) -> None:
     """MLflow takes basic-auth credentials in the tracking URI (http://user:password@host):
     such a URI is as secret as a DSN with a password. Reachable, and not."""
     await activate(chaos_conn, *chaos_models.v1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +63,40 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
         pending = ""
     assert not pending, "Dockerfile ends in a line continuation"
     return instructions
+
+
+# -- compose.yaml as compose reads it --------------------------------------------------------
+
+_VARIABLE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|"
+                       r"([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's variable substitution: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, default = match.group(2), match.group(3) or ""
+        value = env.get(name)
+        if op == ":-" and not value:
+            return default
+        if op == "-" and value is None:
+            return default
+        if op in (":?", "?") and (value is None or (op == ":?" and not value)):
+            raise AssertionError(f"compose.yaml requires ${name}: {default}")
+        return value or ""
+
+    return _VARIABLE.sub(replace, text)
+
+
+def flag_value(command: list[str], flag: str) -> str:
+    assert flag in command, f"{flag} not in the mlflow service's command {command}"
+    return command[command.index(flag) + 1]
+
+
+def with_flag(command: list[str], flag: str, value: str) -> list[str]:
+    out = list(command)
+    out[out.index(flag) + 1] = value
+    return out

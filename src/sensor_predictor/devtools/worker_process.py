@@ -1,0 +1,195 @@
+"""`sensor-predictor run` as a real subprocess: start, wait until ready, scrape, watch its
+memory and CPU, signal, stop. Its JSON logs go to a file. The blocking calls have async
+counterparts (`until_ready`, `seconds_to_ready`, `ascrape`, `astop`) for code whose event loop
+must keep running."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from sensor_predictor.devtools.postgres import free_port
+from sensor_predictor.devtools.prometheus_text import parse_metrics
+from sensor_predictor.devtools.prometheus_text import value as series_value
+
+__all__ = ["WorkerNotReady", "WorkerProcess"]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class WorkerNotReady(RuntimeError):
+    """The worker exited, or was not ready in time; the message ends with its log's tail."""
+
+
+@dataclass
+class WorkerProcess:
+    env: dict[str, str]
+    log_path: Path
+    metrics_port: int = field(default_factory=free_port)
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0  # time.monotonic() of the spawn
+    ready_after: float | None = None  # seconds from the spawn to the first ready answer
+
+    def start(self, *args: str) -> WorkerProcess:
+        env = {**os.environ, **self.env, "METRICS_PORT": str(self.metrics_port),
+               "METRICS_HOST": "127.0.0.1", "LOG_FORMAT": "json"}
+        env.setdefault("LOG_LEVEL", "info")
+        # A model cache beside the log (workers of one test or one bench run share it), never
+        # the user's home: a test must not swap from another test's cache.
+        env.setdefault("MODEL_CACHE_DIR", str(self.log_path.parent / "model-cache"))
+        self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.started_at = time.monotonic()
+        self.ready_after = None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sensor_predictor.cli", "run", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}{path}"
+
+    def get(self, path: str, timeout: float = 2) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def ready(self) -> dict[str, Any] | None:
+        """/ready's JSON body, or None when nothing answers."""
+        try:
+            status, body = self.get("/ready", timeout=1)
+        except (urllib.error.URLError, OSError):
+            return None
+        return json.loads(body) if status in (200, 503) else None
+
+    def scrape(self) -> dict[str, float]:
+        """Every sample of /metrics by its full series text (name{labels})."""
+        status, body = self.get("/metrics", timeout=5)
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return parse_metrics(body)
+
+    def metric(self, name: str, labels: str = "") -> float | None:
+        """One sample from a live scrape (exact series name and label text, e.g. 'reason="x"')."""
+        return series_value(self.scrape(), name, labels)
+
+    async def ascrape(self) -> dict[str, float]:
+        return await asyncio.to_thread(self.scrape)
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _state_if(self, key: str) -> dict[str, Any] | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise WorkerNotReady(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+        state = self.ready()
+        if state and state.get(key):
+            if key == "ready" and self.ready_after is None:
+                self.ready_after = time.monotonic() - self.started_at
+            return state
+        return None
+
+    def wait_ready(self, timeout: float = 90, key: str = "ready") -> dict[str, Any]:
+        """Block until /ready reports `key` true ("ready", or "listening" with no model yet)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if state := self._state_if(key):
+                return state
+            time.sleep(0.05)
+        raise WorkerNotReady(f"worker not {key} after {timeout} s:\n{self.tail(4000)}")
+
+    async def until_ready(self, within: float = 90, key: str = "ready") -> dict[str, Any]:
+        """wait_ready for async code: the event loop (writers, listeners) keeps running."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if state := await asyncio.to_thread(self._state_if, key):
+                return state
+            await asyncio.sleep(0.05)
+        raise WorkerNotReady(f"worker not {key} after {within} s:\n{self.tail(4000)}")
+
+    async def seconds_to_ready(self, within: float = 90) -> float:
+        """until_ready, then the seconds from the spawn to ready (listening, pool, model)."""
+        await self.until_ready(within)
+        assert self.ready_after is not None
+        return self.ready_after
+
+    # -- the process --------------------------------------------------------------------------
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """SIGTERM and wait (SIGKILL after `timeout`); the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    async def astop(self, timeout: float = 20) -> int | None:  # noqa: ASYNC109 - SIGKILL after
+        return await asyncio.to_thread(self.stop, timeout)
+
+    def proc_status(self) -> dict[str, int]:
+        """VmRSS / VmHWM in bytes (VmHWM: the peak resident set since the process started)."""
+        out: dict[str, int] = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, raw = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(raw.split()[0]) * 1024
+        return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the worker process so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    # -- its logs -----------------------------------------------------------------------------
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, n: int = 3000) -> str:
+        return self.logs()[-n:]
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines, parsed (anything else skipped)."""
+        out = []
+        for line in self.logs().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
