@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -37,6 +38,9 @@ from sensor_predictor.snapshot import WorkerSnapshot, take_snapshot
 log = structlog.get_logger("sensor_predictor.worker")
 
 BACKLOG_REFRESH_SECONDS = 5.0
+# 30 s after the first model is served, MLflow and scikit-learn are imported in the background
+# (a restart from the model cache needs neither; a later swap to an uncached model does).
+WARM_UP_DELAY_SECONDS = 30.0
 # How often a lane looks for claims whose worker's session has ended (a free advisory lock; one
 # cheap scan of the few claims in flight). A lane also looks when it starts.
 ORPHAN_CHECK_SECONDS = 0.25
@@ -77,6 +81,7 @@ class Worker:
         self._lost_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
         self._next_orphan_check = 0.0  # time.monotonic(); 0: look at the first chance
+        self._warm_up: asyncio.Task[None] | None = None
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
         self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
 
@@ -256,7 +261,18 @@ class Worker:
         if model is not None:
             await self.drift.start_model(model, self.pool)
             self.wake("model")
+            if self._warm_up is None:
+                self._warm_up = asyncio.create_task(self._warm_up_imports(), name="warm-up")
+                self._tasks.append(self._warm_up)
         self._update_ready()
+
+    async def _warm_up_imports(self) -> None:
+        """A worker that started from its model cache has not imported MLflow and scikit-learn;
+        the first swap to a model not cached yet would pay for that (seconds). Once scoring has
+        started, import them in the background, so that swaps stay fast. A daemon thread: a
+        shutdown never waits for it."""
+        await asyncio.sleep(WARM_UP_DELAY_SECONDS)
+        threading.Thread(target=_import_model_libraries, name="warm-up", daemon=True).start()
 
     async def _watch_backlog(self) -> None:
         """The backlog gauge, and the transactions still open that hold readings back."""
@@ -394,6 +410,18 @@ class Worker:
         log.debug("batch_scored", rows=result.size, bad=len(result.bad),
                   model_version=model.version, ms=round(result.duration * 1000, 2),
                   slow_path=result.slow_path)
+
+
+def _import_model_libraries() -> None:
+    started = time.perf_counter()
+    try:
+        import mlflow.sklearn  # noqa: F401
+        import sklearn.cluster
+        import sklearn.preprocessing  # noqa: F401
+    except Exception as exc:  # nothing depends on it: a later fetch imports them anyway
+        log.warning("warm_up_failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    log.info("warm_up_done", ms=round((time.perf_counter() - started) * 1000))
 
 
 def next_batch_size(current: int, scored: int, base: int) -> int:
