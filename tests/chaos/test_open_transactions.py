@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
 from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
@@ -82,9 +82,7 @@ def _check_normal(latencies: list[float]) -> tuple[float, float, float]:
 @contextlib.asynccontextmanager
 async def _other_database(server: PgServer) -> AsyncIterator[str]:
     name = f"sp_neighbour_{uuid.uuid4().hex[:8]}"
-    admin = await server.connect()
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
+    await create_database(server, name)
     try:
         yield name
     finally:

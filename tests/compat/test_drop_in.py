@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from sensor_predictor.devtools import legacy_trainer, old_system
 from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
-from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from tests.support.waiting import wait_for
@@ -33,9 +33,7 @@ HISTORY = 3_000  # readings the old system wrote before we arrive
 @pytest_asyncio.fixture
 async def old_db(pg_server: PgServer) -> AsyncIterator[str]:
     name = f"sp_dropin_{uuid.uuid4().hex[:10]}"
-    admin = await pg_server.connect()
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
+    await create_database(pg_server, name)
     yield name
     await drop_database(pg_server, name)
 

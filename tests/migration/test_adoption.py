@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from sensor_predictor.devtools import old_system
-from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
 from sensor_predictor.migrate import load_migrations, migrate
 from tests.support import old_orm
 
@@ -25,11 +25,7 @@ pytestmark = pytest.mark.asyncio
 
 async def _new_db(server: PgServer, prefix: str) -> str:
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = await server.connect()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await create_database(server, name)
     return name
 
 
