@@ -166,14 +166,18 @@ async def test_the_old_systems_database_and_models_are_taken_over_without_a_gap(
         scaler, kmeans, order = await asyncio.to_thread(
             legacy_trainer.fetch_legacy_parts, mlflow_server.uri, run_id)
         rows = await conn.fetch(
-            'SELECT r."values"::text AS v, p.cluster_id FROM predictions p'
+            'SELECT r."values"::text AS v, p.model_label, p.cluster_id FROM predictions p'
             " JOIN readings r ON r.id = p.reading_id"
             " WHERE p.model_version = $1 AND p.reading_id <> ALL($2::int[])",
             str(version), list(old_rows))
         assert rows
         expected = legacy_trainer.old_predictor_labels(
             scaler, kmeans, order, [json.loads(r["v"]) for r in rows])
-        assert [r["cluster_id"] for r in rows] == expected.tolist()
+        assert [r["model_label"] for r in rows] == expected.tolist()
+        # cluster_id carries the stable id: the model's label through its stored mapping.
+        mapping = dict(await conn.fetch(
+            "SELECT label, stable_id FROM cluster_ids WHERE model_version = $1", str(version)))
+        assert [r["cluster_id"] for r in rows] == [mapping[x] for x in expected.tolist()]
     # The old trainer's notice of the model served from the start is marked processed.
     assert await conn.fetchval("SELECT is_processed FROM versions WHERE run_id = $1", run1)
     await conn.close()
