@@ -37,18 +37,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="train on at most this many of the latest readings (50000)")
     train.add_argument("--min-readings", type=_positive_int, default=1_000,
                        help="below this many usable readings, train on generated ones (1000)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the simulated readings and of KMeans (0)")
     train.add_argument("--activate", action="store_true",
                        help="make it the active model (a clusters row) once logged")
 
     sim = sub.add_parser("simulate", help="write simulated readings like the old simulator")
-    sim.add_argument("--machines", type=_positive_int, default=10)
+    sim.add_argument("--machines", type=_positive_int, default=10,
+                     help="machines the readings come from (10)")
     sim.add_argument("--rate", type=_positive_float, default=20.0, help="readings per second")
     sim.add_argument("--duration", type=_positive_float, default=None, help="seconds (forever)")
     sim.add_argument("--count", type=_positive_int, default=None, help="readings, then stop")
     sim.add_argument("--drift", action="store_true", help="shift the distribution")
-    sim.add_argument("--seed", type=int, default=None)
-    sim.add_argument("--rows-per-statement", type=_positive_int, default=100)
+    sim.add_argument("--seed", type=int, default=None,
+                     help="seed of the readings (none: different every run)")
+    sim.add_argument("--rows-per-statement", type=_positive_int, default=100,
+                     help="readings per INSERT statement (100)")
 
     rescore = sub.add_parser(
         "rescore", help="score past readings with a chosen model (explicit; a swap never does)")
@@ -58,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                               "without it, run-<run id>")
     rescore.add_argument("--from-id", type=int, default=0, help="readings with id above this")
     rescore.add_argument("--to-id", type=int, default=None, help="up to this id (all)")
-    rescore.add_argument("--batch-size", type=_positive_int, default=1000)
+    rescore.add_argument("--batch-size", type=_positive_int, default=1000,
+                         help="readings per transaction (1000)")
 
     sub.add_parser("clusters", help="show each model version's label -> stable cluster id "
                                     "mapping (aligned at its first use)")

@@ -5,6 +5,9 @@ a Pipeline with ordered feature names) and the old trainer's (see legacy_model.p
 of a StandardScaler and a KMeans predicts with numpy alone (kmeans_kernel.py), and once verified
 it is kept in a local cache (model_cache.py), so a restarted worker serves it without importing
 MLflow or scikit-learn. Those two are imported only when a model must be fetched, in a thread.
+
+Longer than most modules (about 490 lines): loading, verifying, the bookkeeping check, the
+cache and the swap with its backoff are one state machine around `ModelHolder.current`.
 """
 
 from __future__ import annotations
@@ -43,9 +46,6 @@ log = structlog.get_logger("sensor_predictor.model_holder")
 # feature the model needs (the rest may be bad readings, which happen).
 FEATURE_CHECK_SAMPLE = 100
 FEATURE_CHECK_MIN_SHARE = 0.5
-
-# The clusters row's description of its model: compared with the model, never a gate.
-BOOKKEEPING_QUERY = "SELECT silhouette_score, cluster_profiles FROM clusters WHERE id = $1"
 
 
 class ModelLoadError(Exception):
@@ -288,10 +288,8 @@ def _first_line_text(text: str) -> str:
 
 async def _check_features_in_readings(pool: asyncpg.Pool, names: Sequence[str]) -> None:
     """Refuse a model whose features the readings do not carry: it could score nothing."""
-    rows = await pool.fetch(
-        'SELECT "values" ?& $1::text[] AS has_all FROM readings'
-        " WHERE jsonb_typeof(\"values\") = 'object' ORDER BY id DESC LIMIT $2",
-        list(names), FEATURE_CHECK_SAMPLE)
+    rows = await pool.fetch(db.queries()["recent_readings_have_features"], list(names),
+                            FEATURE_CHECK_SAMPLE)
     if not rows:
         return
     share = sum(1 for r in rows if r["has_all"]) / len(rows)
@@ -329,7 +327,7 @@ class ModelHolder:
                          r["n_clusters"])
 
     async def bookkeeping(self, pool: asyncpg.Pool, row: ActiveRow) -> Bookkeeping:
-        r = await pool.fetchrow(BOOKKEEPING_QUERY, row.id)
+        r = await pool.fetchrow(db.queries()["model_bookkeeping"], row.id)
         profiles: Any = None
         if r is not None and r["cluster_profiles"] is not None:
             try:

@@ -1,4 +1,9 @@
-"""The worker: wake-ups in, batches out, until SIGTERM; its lifecycle and its drain loop."""
+"""The worker: wake-ups in, batches out, until SIGTERM; its lifecycle and its drain loop.
+
+Longer than most modules (about 450 lines): the lifecycle, the drain loop and its lanes, and the
+background tasks (listener, model, poll, backlog) share the worker's state and its shutdown;
+the pure parts (batch sizes, retry delays) are functions at the bottom, unit-tested.
+"""
 
 from __future__ import annotations
 

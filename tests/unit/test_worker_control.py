@@ -82,7 +82,7 @@ def test_a_snapshot_says_what_the_metrics_say() -> None:
     assert (empty.predictions, empty.bad_readings, empty.latency_buckets) == (0, 0, [])
     assert empty.drift_score is None and not empty.drift_detected
 
-    m.count_batch(np.array([0, 1, 1], dtype=np.int64), n_clusters=2)
+    m.count_batch(np.array([0, 1, 1], dtype=np.int64))
     m.count_bad(["not_a_number", "missing_sensor"])
     m.latency.observe_many({}, np.array([0.002, 0.004, 0.5]))
     m.drift_score.set({}, 0.25)

@@ -104,6 +104,17 @@ SELECT id, mlflow_run_id, mlflow_model_version, n_clusters
  ORDER BY created_at DESC, id DESC
  LIMIT 1;
 
+-- name: model_bookkeeping
+-- The clusters row's description of its model: compared with the model, never a gate.
+SELECT silhouette_score, cluster_profiles FROM clusters WHERE id = $1;
+
+-- name: recent_readings_have_features
+-- Do the latest readings carry every feature a model needs? (One index walk from the end.)
+SELECT "values" ?& $1::text[] AS has_all FROM readings
+ WHERE jsonb_typeof("values") = 'object'
+ ORDER BY id DESC
+ LIMIT $2;
+
 -- name: mark_versions_processed
 -- Every notice up to and including the served run's: older ones must not trigger reloads later.
 UPDATE versions SET is_processed = true
