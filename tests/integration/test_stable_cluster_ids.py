@@ -145,7 +145,7 @@ async def test_a_retrain_swapped_in_mid_stream_keeps_every_cluster_id_and_counte
 
 
 async def _served(worker: object, version: int) -> bool:
-    from tests.support import WorkerProcess
+    from sensor_predictor.devtools.worker_process import WorkerProcess
 
     assert isinstance(worker, WorkerProcess)
     return worker.metric("sensor_model_version") == float(version)

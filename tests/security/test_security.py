@@ -129,8 +129,9 @@ async def test_a_login_role_with_the_worker_role_scores_and_can_do_nothing_else(
                        str(version), run_id)
     as_role = {"POSTGRES_USER": login_role.name, "POSTGRES_PASSWORD": "",
                "POSTGRES_PASSWORD_FILE": str(login_role.password_file),
-               # A small window and a low threshold: drift rows get written too.
-               "DRIFT_DETECTION_WINDOW": "50", "DRIFT_THRESHOLD": "0.01"}
+               # A small window, a low threshold and no significance rule: drift rows get
+               # written too (the role must be allowed to write them).
+               "DRIFT_DETECTION_WINDOW": "50", "DRIFT_THRESHOLD": "0.01", "DRIFT_P_VALUE": "1"}
     worker = workers.start("--no-migrate", **as_role)
     await asyncio.to_thread(worker.wait_ready)
     await insert_readings(conn, [reading(i) for i in range(300)])
