@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="seed of the simulated readings and of KMeans (0)")
     train.add_argument("--activate", action="store_true",
                        help="make it the active model (a clusters row) once logged")
+    train.add_argument("--candidate", action="store_true",
+                       help="make it the shadow candidate (a model_candidates row): scored "
+                            "beside the active model until promoted with --activate")
 
     sim = sub.add_parser("simulate", help="write simulated readings like the old simulator")
     sim.add_argument("--machines", type=_positive_int, default=10,
@@ -122,10 +125,21 @@ async def _run(settings: Settings) -> int:
 
 
 async def _train(settings: Settings, args: argparse.Namespace) -> int:
-    from sensor_predictor.training import train
+    from sensor_predictor import db
+    from sensor_predictor.training import mark_candidate, train
 
+    if args.activate and args.candidate:
+        print("sensor-predictor: --activate and --candidate exclude each other (a candidate is "
+              "scored beside the active model; activating it is its promotion)", file=sys.stderr)
+        return 2
     result = await train(settings, clusters=args.clusters, readings=args.readings,
                          min_readings=args.min_readings, activate=args.activate, seed=args.seed)
+    if args.candidate:
+        conn = await db.connect(settings)
+        try:
+            await mark_candidate(conn, result.run_id, result.version)
+        finally:
+            await conn.close()
     print(f"run_id={result.run_id} version={result.version}", flush=True)
     return 0
 

@@ -88,9 +88,14 @@ def g_test_p_value(counts: npt.ArrayLike, reference: npt.ArrayLike) -> float:
     return float(chdtrc(df, max(g, 0.0)))
 
 
-def distribution_to_json(proportions: Sequence[float]) -> dict[str, float]:
-    """Return proportions as a JSON-friendly dict keyed by cluster id as a string."""
-    return {str(i): float(p) for i, p in enumerate(proportions)}
+def distribution_to_json(proportions: Sequence[float],
+                         cluster_ids: Sequence[int] | None = None) -> dict[str, float]:
+    """Return proportions (one per model label) as a JSON-friendly dict keyed by cluster id as
+    a string: `cluster_ids[label]` (the stable ids) when given, else the label itself."""
+    if cluster_ids is not None and len(cluster_ids) != len(proportions):
+        raise ValueError(f"{len(proportions)} proportions but {len(cluster_ids)} cluster ids")
+    keys = range(len(proportions)) if cluster_ids is None else cluster_ids
+    return {str(int(k)): float(p) for k, p in zip(keys, proportions, strict=True)}
 
 
 @dataclass(frozen=True, slots=True)

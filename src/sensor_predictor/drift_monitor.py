@@ -34,6 +34,9 @@ class _Write:
     kind: str  # started | peak | ended
     model_version: str
     update: DriftUpdate
+    # label -> stable cluster id: a drift row's distributions speak in the ids the predictions
+    # and the dashboard use (None: the labels, unaligned)
+    cluster_ids: tuple[int, ...] | None = None
 
 
 class DriftMonitor:
@@ -44,6 +47,7 @@ class DriftMonitor:
         self._metrics = metrics
         self._tracker: DriftTracker | None = None
         self._version: str | None = None
+        self._cluster_ids: tuple[int, ...] | None = None
         self._writes: asyncio.Queue[_Write] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._last_peak_write = 0.0
@@ -71,6 +75,8 @@ class DriftMonitor:
             p_value=self._settings.drift_p_value,
         )
         self._version = model.version
+        self._cluster_ids = (None if model.stable_ids is None
+                             else tuple(int(i) for i in model.stable_ids.tolist()))
         self._metrics.drift_detected.set({}, 1 if open_row is not None else 0)
         self._metrics.drift_score.set({}, float("nan"))
         self._metrics.drift_p_value.set({}, float("nan"))
@@ -103,18 +109,21 @@ class DriftMonitor:
             log.warning("drift_detected", model_version=model.version, score=update.score,
                         threshold=self._settings.drift_threshold, p_value=update.p_value,
                         p_value_threshold=self._settings.drift_p_value)
-            self._writes.put_nowait(_Write("started", model.version, update))
+            self._writes.put_nowait(_Write("started", model.version, update,
+                                        self._cluster_ids))
             self._last_peak_write = time.monotonic()
         elif update.event == "ongoing":
             now = time.monotonic()
             if now - self._last_peak_write >= PEAK_WRITE_SECONDS:
                 self._last_peak_write = now
-                self._writes.put_nowait(_Write("peak", model.version, update))
+                self._writes.put_nowait(_Write("peak", model.version, update,
+                                        self._cluster_ids))
         elif update.event == "ended":
             m.drift_detected.set({}, 0)
             log.info("drift_ended", model_version=model.version, score=update.score,
                      peak=update.peak)
-            self._writes.put_nowait(_Write("ended", model.version, update))
+            self._writes.put_nowait(_Write("ended", model.version, update,
+                                        self._cluster_ids))
 
     async def flush(self, within_seconds: float = 5.0) -> None:
         """Wait until the queued drift rows are written (at shutdown)."""
@@ -149,9 +158,10 @@ class DriftMonitor:
     @staticmethod
     async def _write(pool: asyncpg.Pool, q: dict[str, str], item: _Write, u: DriftUpdate
                      ) -> None:
-        current = json.dumps(distribution_to_json(u.current))
+        current = json.dumps(distribution_to_json(u.current, item.cluster_ids))
         if item.kind == "started":
-            reference: Any = distribution_to_json(u.reference or ())
+            reference: Any = (distribution_to_json(u.reference, item.cluster_ids)
+                              if u.reference else {})
             inserted = await pool.fetchval(
                 q["open_drift_row"], float(u.score or 0.0), json.dumps(reference), current,
                 item.model_version)

@@ -20,6 +20,8 @@ from sensor_predictor.features import REASONS as BAD_READING_REASONS
 WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
 MODEL_LOAD_FAILURE_REASONS = ("mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
                               "feature_mismatch", "probe_failed")
+SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
+                          "queue_full")
 
 # Per-reading latency, insert to prediction commit: 1 ms .. 60 s.
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5,
@@ -127,6 +129,38 @@ class Metrics:
         self.db_reconnects = Counter(
             "sensor_db_reconnects_total", "Database connections lost and re-established.",
             registry=r)
+        # Shadow scoring (shadow_scorer.py): a candidate model beside the active one.
+        self.shadow_candidate_info = Gauge(
+            "sensor_shadow_candidate_info",
+            "The candidate model scored in the shadow (value 1); absent when there is none.",
+            registry=r)
+        self.shadow_predictions = Counter(
+            "sensor_shadow_predictions_total", "Readings the shadow candidate scored.",
+            registry=r)
+        self.shadow_evaluations = Counter(
+            "sensor_shadow_evaluations_total",
+            "Agreement windows evaluated (one shadow_evaluations row each).", registry=r)
+        self.shadow_ari = Gauge(
+            "sensor_shadow_agreement_ari",
+            "Adjusted Rand index of the candidate's and the active model's clusters over the "
+            "last DRIFT_DETECTION_WINDOW readings (1 = the same grouping); NaN before the "
+            "first window.", registry=r)
+        self.shadow_same_id = Gauge(
+            "sensor_shadow_same_id_ratio",
+            "Share of the last window's readings given the same stable cluster id by both "
+            "models; NaN before the first window.", registry=r)
+        self.shadow_drift_score = Gauge(
+            "sensor_shadow_drift_score",
+            "The candidate's JS divergence against its own training proportions over the last "
+            "window; NaN before it, or without training proportions.", registry=r)
+        self.shadow_drift_p_value = Gauge(
+            "sensor_shadow_drift_p_value",
+            "G-test p-value of the candidate's last window under its training proportions.",
+            registry=r)
+        self.shadow_failures = Counter(
+            "sensor_shadow_failures_total",
+            "Shadow scoring failures, by reason (a candidate that fails to load, a batch not "
+            "scored or not written): the active scoring goes on.", registry=r)
         self.ready = Gauge(
             "sensor_ready", "1 while connected, listening and serving a model.", registry=r)
         self.ready.set({}, 0)
@@ -139,8 +173,12 @@ class Metrics:
         self.open_reading_transaction_age.set({}, 0)
         # Every known series starts at 0, so rate() and increase() see the first event too.
         for counter in (self.predictions, self.model_swaps, self.drift_events,
-                        self.claims_taken_over, self.prediction_conflicts):
+                        self.claims_taken_over, self.prediction_conflicts,
+                        self.shadow_predictions, self.shadow_evaluations):
             counter.set({}, 0)
+        for reason in SHADOW_FAILURE_REASONS:
+            self.shadow_failures.set({"reason": reason}, 0)
+        self.set_shadow_candidate(None)
         for reason in BAD_READING_REASONS:
             self.bad_readings.set({"reason": reason}, 0)
         for reason in MODEL_LOAD_FAILURE_REASONS:
@@ -186,6 +224,27 @@ class Metrics:
                              "model_name": model.model_name}, 1)
         version = model.row.registered_version
         self.model_version.set({}, math.nan if version is None else float(version))
+
+    def set_shadow_candidate(self, model: Any) -> None:
+        """Show the shadow candidate (a LoadedModel), or none; its figures start over."""
+        self.shadow_candidate_info.values.clear()
+        if model is not None:
+            self.shadow_candidate_info.set({"model_version": model.version,
+                                            "run_id": model.run_id}, 1)
+        for gauge in (self.shadow_ari, self.shadow_same_id, self.shadow_drift_score,
+                      self.shadow_drift_p_value):
+            gauge.set({}, math.nan)
+
+    def set_shadow_evaluation(self, evaluation: Any) -> None:
+        """One agreement window's figures (a shadow.Evaluation)."""
+        e = evaluation
+        self.shadow_evaluations.inc({})
+        self.shadow_ari.set({}, float(e.adjusted_rand_index))
+        self.shadow_same_id.set({}, float(e.same_id_share))
+        self.shadow_drift_score.set({}, math.nan if e.candidate_drift_score is None
+                                    else float(e.candidate_drift_score))
+        self.shadow_drift_p_value.set({}, math.nan if e.candidate_p_value is None
+                                      else float(e.candidate_p_value))
 
 
 ReadyCheck = Callable[[], tuple[bool, dict[str, Any]]]

@@ -6,8 +6,9 @@ of a StandardScaler and a KMeans predicts with numpy alone (kmeans_kernel.py), a
 it is kept in a local cache (model_cache.py), so a restarted worker serves it without importing
 MLflow or scikit-learn. Those two are imported only when a model must be fetched, in a thread.
 
-Longer than most modules (about 490 lines): loading, verifying, the bookkeeping check, the
-cache and the swap with its backoff are one state machine around `ModelHolder.current`.
+Longer than most modules (about 510 lines): loading, verifying, the bookkeeping check, the
+cache and the swap with its backoff are one state machine around `ModelHolder.current`, for
+the active model and for a shadow candidate alike.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -308,7 +309,15 @@ class ModelHolder:
     """
 
     def __init__(self, model_name: str, *, on_failure: Any = None,
-                 cache: ModelCache | None = None) -> None:
+                 cache: ModelCache | None = None, role: str = "active",
+                 reference: Callable[[], str | None] | None = None) -> None:
+        """`role` "active" follows the active clusters row; "candidate" the shadow candidate
+        (model_candidates): aligned against `reference()` (the active model's version), and
+        neither marked served nor reported as a swap."""
+        if role not in ("active", "candidate"):
+            raise ValueError(f"role must be 'active' or 'candidate', got {role!r}")
+        self.role = role
+        self._reference = reference
         self.model_name = model_name
         self.current: LoadedModel | None = None
         self.cache = cache
@@ -320,7 +329,9 @@ class ModelHolder:
         self._legacy_announced: set[tuple[str, int | None]] = set()
 
     async def active_row(self, pool: asyncpg.Pool) -> ActiveRow | None:
-        r = await pool.fetchrow(db.queries()["active_model"])
+        q = db.queries()
+        r = await pool.fetchrow(q["active_model"] if self.role == "active"
+                                else q["shadow_candidate"])
         if r is None:
             return None
         return ActiveRow(int(r["id"]), r["mlflow_run_id"], r["mlflow_model_version"],
@@ -349,9 +360,13 @@ class ModelHolder:
                 self.retry_at = None
                 return False
             if row is None:
-                log.warning("model_deactivated", previous_version=self.current.version
-                            if self.current else None,
-                            note="no clusters row is active: scoring pauses, readings wait")
+                if self.role == "active":
+                    log.warning("model_deactivated", previous_version=self.current.version
+                                if self.current else None,
+                                note="no clusters row is active: scoring pauses, readings wait")
+                else:
+                    log.info("shadow_candidate_stopped", model_version=self.current.version
+                             if self.current else None)
                 self.current = None
                 return True
             if row == self._failed_row and self.retry_at is not None \
@@ -359,7 +374,8 @@ class ModelHolder:
                 return False
             started = time.perf_counter()
             try:
-                bookkeeping = await self.bookkeeping(pool, row)
+                bookkeeping = (await self.bookkeeping(pool, row) if self.role == "active"
+                               else Bookkeeping())  # a candidate has no clusters row yet
                 model = self._from_cache(row)
                 if model is None:
                     model = await asyncio.to_thread(load_and_verify, row, self.model_name,
@@ -377,7 +393,8 @@ class ModelHolder:
             previous = self.current
             self.current = model
             self._failed_row, self._failures, self.retry_at = None, 0, None
-            log.info("model_swapped", model_version=model.version, run_id=model.run_id,
+            log.info("model_swapped" if self.role == "active" else "shadow_candidate_loaded",
+                     model_version=model.version, run_id=model.run_id,
                      clusters_row=row.id, n_clusters=model.n_clusters,
                      features=len(model.feature_names), source=model.source,
                      layout="legacy" if model.legacy else "pipeline",
@@ -387,6 +404,8 @@ class ModelHolder:
             self._announce(model, bookkeeping)
             if model.source != "cache" and self.cache is not None:
                 await asyncio.to_thread(self._store, model)
+            if self.role == "candidate":
+                return True  # the active model stays the reference; no notice is its own
             from sensor_predictor import cluster_registry
 
             try:  # the reference for the next model's alignment; never fatal
@@ -404,7 +423,10 @@ class ModelHolder:
         the model it replaces."""
         from sensor_predictor import cluster_registry
 
-        reference = self.current.version if self.current is not None else None
+        if self._reference is not None:
+            reference = self._reference()
+        else:
+            reference = self.current.version if self.current is not None else None
         lookup = await cluster_registry.ensure_aligned(pool, model, reference)
         return replace(model, stable_ids=lookup)
 
@@ -464,7 +486,8 @@ class ModelHolder:
         self._failed_row = row
         delay = min(60.0, 1.0 * 2 ** (self._failures - 1))
         self.retry_at = time.monotonic() + delay
-        log.error("model_load_failed", reason=reason, error=message, run_id=row.run_id,
+        log.error("model_load_failed" if self.role == "active" else "shadow_candidate_load_failed",
+                  reason=reason, error=message, run_id=row.run_id,
                   clusters_row=row.id, attempt=self._failures, retry_in_s=delay,
                   serving=self.current.version if self.current else None)
         if self._on_failure is not None:

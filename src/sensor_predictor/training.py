@@ -253,3 +253,12 @@ async def activate_model(
                            notice, run_id)
     log.info("model_activated", run_id=run_id, version=version, clusters_row=row_id)
     return row_id
+
+
+async def mark_candidate(conn: asyncpg.Connection, run_id: str, version: int | None) -> int:
+    """Make a run's model the shadow candidate (migrations/0006): the workers score the live
+    stream with it beside the active model until it is promoted (activated) or withdrawn.
+    Returns its model_candidates row id."""
+    row_id: int = await conn.fetchval(db.queries()["mark_candidate"], run_id, version)
+    log.info("model_marked_candidate", run_id=run_id, version=version, candidate_row=row_id)
+    return row_id

@@ -38,6 +38,7 @@ from sensor_predictor.scoring import (
     score_claim,
     take_orphan,
 )
+from sensor_predictor.shadow_scorer import ShadowScorer
 from sensor_predictor.snapshot import WorkerSnapshot, take_snapshot
 
 log = structlog.get_logger("sensor_predictor.worker")
@@ -64,10 +65,15 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.holder = ModelHolder(
-            settings.model_name, on_failure=self._model_failed,
-            cache=None if settings.model_cache_dir == "off"
-            else ModelCache(settings.model_cache_dir, settings.mlflow_tracking_uri))
+        cache = (None if settings.model_cache_dir == "off"
+                 else ModelCache(settings.model_cache_dir, settings.mlflow_tracking_uri))
+        self.holder = ModelHolder(settings.model_name, on_failure=self._model_failed,
+                                  cache=cache)
+        # The shadow candidate (model_candidates), aligned against the model served now.
+        self.shadow = ShadowScorer(settings, self.metrics)
+        self.candidate_holder = ModelHolder(
+            settings.model_name, on_failure=self.shadow.load_failed, cache=cache,
+            role="candidate", reference=self._active_version)
         self.drift = DriftMonitor(settings, self.metrics)
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,
@@ -133,6 +139,10 @@ class Worker:
         self._lost_at = time.monotonic()
         self._update_ready()
 
+    def _active_version(self) -> str | None:
+        model = self.holder.current
+        return None if model is None else model.version
+
     def _model_failed(self, reason: str) -> None:
         self.metrics.model_load_failures.inc({"reason": reason})
 
@@ -185,6 +195,7 @@ class Worker:
                 asyncio.create_task(self._watch_model(), name="model"),
                 asyncio.create_task(self._poll(), name="poll"),
                 asyncio.create_task(self._watch_backlog(), name="backlog"),
+                asyncio.create_task(self.shadow.run(self.pool), name="shadow"),
             ]
             await self._drain_forever()
         finally:
@@ -203,7 +214,7 @@ class Worker:
                     finally:
                         await conn.close()
                 self.pool = await db.create_pool(
-                    self.settings, size=self.settings.prediction_concurrency + 2,
+                    self.settings, size=self.settings.prediction_concurrency + 3,
                     init=self._track_connection)
                 return True
             except db.UNAVAILABLE as exc:
@@ -246,15 +257,18 @@ class Worker:
     async def _watch_model(self) -> None:
         assert self.pool is not None
         while True:
-            timeout = None
-            if self.holder.retry_at is not None:
-                timeout = max(0.0, self.holder.retry_at - time.monotonic())
+            retries = [h.retry_at for h in (self.holder, self.candidate_holder)
+                       if h.retry_at is not None]
+            timeout = max(0.0, min(retries) - time.monotonic()) if retries else None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._model_event.wait(), timeout=timeout)
             self._model_event.clear()
             try:
                 if await self.holder.refresh(self.pool):
                     await self._model_changed(self.holder.current)
+                # After the active model: a promoted candidate is no candidate any more.
+                if await self.candidate_holder.refresh(self.pool):
+                    await self.shadow.candidate_changed(self.candidate_holder.current)
             except db.UNAVAILABLE as exc:
                 log.warning("model_check_failed", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(0.5)
@@ -264,6 +278,10 @@ class Worker:
         assert self.pool is not None
         self.metrics.set_model(model)
         if model is not None:
+            try:  # a candidate promoted: its shadow scoring ends, its rows stay
+                await self.pool.execute(db.queries()["mark_candidate_promoted"], model.run_id)
+            except asyncpg.PostgresError as exc:
+                log.warning("candidate_not_marked_promoted", error=str(exc))
             await self.drift.start_model(model, self.pool)
             self.wake("model")
             if self._warm_up is None:
@@ -412,6 +430,7 @@ class Worker:
                 log.warning("bad_reading", reading_id=bad.reading_id, reason=bad.reason,
                             detail=bad.detail)
         self.drift.observe(model, result.labels)
+        self.shadow.submit(result)
         log.debug("batch_scored", rows=result.size, bad=len(result.bad),
                   model_version=model.version, ms=round(result.duration * 1000, 2),
                   slow_path=result.slow_path)

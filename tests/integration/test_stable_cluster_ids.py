@@ -15,12 +15,12 @@ import pytest
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer as MlflowStore
 from sensor_predictor.devtools.mlflow_server import mlflow_env
-from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.postgres import PgServer
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.simulator import Simulator
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate
+from tests.support.models import Models, activate, log_retrain
 from tests.support.readings import insert_readings
 from tests.support.waiting import wait_for
 
@@ -31,32 +31,10 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.fixture(scope="module")
 def retrain(pg_server: PgServer, mlflow_store: MlflowStore, models: Models) -> tuple[str, int]:
-    """The hourly retrain: the same trainer, 4 clusters again, another sample and seed. KMeans
-    numbers its clusters differently this time (the test checks it does)."""
-    from sensor_predictor.config import load_settings
-    from sensor_predictor.migrate import migrate
-    from sensor_predictor.training import train
-
-    scratch = f"sp_retrain_{RUN_TAG}"
     cwd = Path.cwd()
-
-    async def go() -> tuple[str, int]:
-        admin = await pg_server.connect()
-        await admin.execute(f'CREATE DATABASE "{scratch}"')
-        await admin.close()
-        c = await pg_server.connect(scratch)
-        await migrate(c)
-        await c.close()
-        settings = load_settings({**pg_server.env(scratch), **mlflow_env(mlflow_store.uri)})
-        try:
-            result = await train(settings, clusters=4, readings=5_000, activate=False, seed=2)
-        finally:
-            await drop_database(pg_server, scratch)
-        return result.run_id, int(result.version)
-
-    os.chdir(mlflow_store.root)
+    os.chdir(mlflow_store.root)  # a file store's relative artifact paths
     try:
-        return asyncio.run(go())
+        return log_retrain(pg_server, mlflow_store)
     finally:
         os.chdir(cwd)
 

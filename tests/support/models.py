@@ -51,6 +51,30 @@ def log_models(pg_server: PgServer, store: MlflowServer) -> Models:
     return asyncio.run(go())
 
 
+def log_retrain(pg_server: PgServer, store: MlflowServer, seed: int = 2) -> tuple[str, int]:
+    """The hourly retrain: the same trainer, 4 clusters again, another sample and seed. KMeans
+    numbers its clusters differently this time (test_stable_cluster_ids checks it does)."""
+    from sensor_predictor.migrate import migrate
+    from sensor_predictor.training import train
+
+    scratch = f"sp_retrain_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+    async def go() -> tuple[str, int]:
+        await create_database(pg_server, scratch)
+        c = await pg_server.connect(scratch)
+        await migrate(c)
+        await c.close()
+        settings = load_settings({**pg_server.env(scratch), **mlflow_env(store.uri)})
+        try:
+            result = await train(settings, clusters=4, readings=5_000, activate=False,
+                                 seed=seed)
+        finally:
+            await drop_database(pg_server, scratch)
+        return result.run_id, int(result.version)
+
+    return asyncio.run(go())
+
+
 async def activate(conn: asyncpg.Connection, run_id: str, version: int | None,
                    n_clusters: int | None = None) -> int:
     """What any client does to deploy a model: one SQL transaction."""

@@ -152,6 +152,43 @@ UPDATE drift SET ended_at = now(), peak_score = GREATEST(peak_score, $2)
 -- A swap ends the previous model's open excursion: its clusters are not ours to judge.
 UPDATE drift SET ended_at = now() WHERE ended_at IS NULL AND model_version <> $1;
 
+-- name: shadow_candidate
+-- The model to score in the shadow (migrations/0006): the newest candidate neither withdrawn
+-- nor promoted, unless it is the active model. NULL n_clusters: a candidate has no clusters row.
+SELECT c.id, c.mlflow_run_id, c.mlflow_model_version, NULL::integer AS n_clusters
+  FROM model_candidates c
+ WHERE c.withdrawn_at IS NULL AND c.promoted_at IS NULL
+   AND c.mlflow_run_id IS DISTINCT FROM (SELECT mlflow_run_id FROM clusters WHERE is_active
+                                          ORDER BY created_at DESC, id DESC LIMIT 1)
+ ORDER BY c.created_at DESC, c.id DESC
+ LIMIT 1;
+
+-- name: mark_candidate_promoted
+-- The active model was a candidate: its shadow scoring ends here (its rows stay), and a later
+-- rollback to another model does not shadow it again.
+UPDATE model_candidates SET promoted_at = now()
+ WHERE mlflow_run_id = $1 AND promoted_at IS NULL AND withdrawn_at IS NULL;
+
+-- name: mark_candidate
+-- `sensor-predictor train --candidate`: what an operator's plain INSERT does.
+INSERT INTO model_candidates (mlflow_run_id, mlflow_model_version) VALUES ($1, $2) RETURNING id;
+
+-- name: write_shadow_predictions
+-- One batch's candidate labels beside the active model's; a batch written twice (a claim taken
+-- over after a crash) keeps its first rows.
+INSERT INTO shadow_predictions (reading_id, model_version, cluster_id, model_label,
+                                active_model_version, active_cluster_id)
+SELECT u.reading_id, $2, u.cluster_id, u.model_label, $5, u.active_cluster_id
+  FROM unnest($1::bigint[], $3::integer[], $4::integer[], $6::integer[])
+       AS u(reading_id, cluster_id, model_label, active_cluster_id)
+ON CONFLICT (reading_id, model_version) DO NOTHING;
+
+-- name: write_shadow_evaluation
+INSERT INTO shadow_evaluations (candidate_version, active_model_version, readings,
+                                adjusted_rand_index, same_id_share, candidate_drift_score,
+                                candidate_p_value, first_reading_id, last_reading_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9);
+
 -- name: rescore_read
 -- History for an explicit re-scoring job, by id; the live worker's cursor is not involved.
 SELECT id, "values"::text AS raw
