@@ -93,6 +93,12 @@ REQUIRED_METRICS = {
     "sensor_batch_size_bucket",
     "sensor_batch_duration_seconds_bucket",
     "sensor_ready",
+    # shadow scoring: the candidate, its agreement with the active model, its own drift
+    "sensor_shadow_candidate_info",
+    "sensor_shadow_agreement_ari",
+    "sensor_shadow_same_id_ratio",
+    "sensor_shadow_drift_score",
+    "sensor_shadow_failures_total",
 }
 
 

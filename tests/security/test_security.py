@@ -38,6 +38,11 @@ EXPECTED_RELATION_GRANTS = {
     # stable cluster ids (0005): a model's mapping, written at its first use
     "cluster_models": {"SELECT", "INSERT"},
     "cluster_ids": {"SELECT", "INSERT"},
+    # shadow scoring (0006): the candidate is read, its rows and evaluations written
+    "model_candidates": {"SELECT"},
+    "shadow_predictions": {"INSERT"},
+    "shadow_evaluations": {"INSERT"},
+    "shadow_evaluations_id_seq": {"USAGE"},
 }
 EXPECTED_COLUMN_GRANTS = {
     ("versions", "is_processed", "UPDATE"),
@@ -49,6 +54,10 @@ EXPECTED_COLUMN_GRANTS = {
     ("reading_errors", "reading_id", "SELECT"), ("reading_errors", "model_version", "SELECT"),
     # the model swapped in becomes the reference for the next alignment
     ("cluster_models", "served_at", "UPDATE"),
+    # a promoted candidate is marked so; a batch written twice keeps its first shadow rows
+    ("model_candidates", "promoted_at", "UPDATE"),
+    ("shadow_predictions", "reading_id", "SELECT"),
+    ("shadow_predictions", "model_version", "SELECT"),
 }
 
 
