@@ -116,6 +116,13 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         rows.append(("drift tracker cost, window 1M / window 100 (per batch)",
                      f"{worst:.2f} x (a recount of the window: {rec:.0f} x)",
                      f"<= {t['drift_flat_ratio']} x (flat)", worst <= t["drift_flat_ratio"]))
+    sh = r.get("shadow")
+    if sh and sh.get("median_ratio") is not None:
+        off, on = sh["median_us_per_reading"]["off"], sh["median_us_per_reading"]["on"]
+        rows.append((f"worker CPU per reading with a shadow candidate vs without, at "
+                     f"{sh['rate']:,}/s (median of {len(sh['ratio_per_round'])} alternating "
+                     "rounds)", f"{sh['median_ratio']:.2f} x ({on} vs {off} us)",
+                     f"<= {t['shadow_cpu_ratio']} x", sh["median_ratio"] <= t["shadow_cpu_ratio"]))
     if drains:
         peak = max(d["peak_rss_mb"] for d in drains)
         rows.append((f"worker peak RSS (VmHWM) draining {_size(drains[0]['readings'])}, per "

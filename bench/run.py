@@ -53,7 +53,8 @@ from sensor_predictor.logging_setup import configure_logging
 from sensor_predictor.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["drift", "drain", "old", "adoption", "producer", "live", "foreign", "restart"]
+PHASES = ["drift", "drain", "old", "adoption", "producer", "live", "foreign", "restart",
+          "shadow"]
 TMP = ROOT / "bench" / ".tmp"
 # Readings not scored yet (waiting, or handed out and unwritten): the product's own named query,
 # whatever the claim protocol behind it. The bench never names the claim tables itself.
@@ -70,6 +71,7 @@ TARGETS = {  # issue 10, and the earlier ones still standing
     "swap_median_s": 0.5,
     "drift_flat_ratio": 1.5,  # cost at window 1M / cost at window 100, per batch size
     "rss_mb": 400.0,
+    "shadow_cpu_ratio": 1.5,  # worker CPU per reading, a shadow candidate vs none (issue 12)
 }
 
 
@@ -144,7 +146,9 @@ class Bench:
         cwd = Path.cwd()
         os.chdir(self.work)  # an sqlite store puts its default artifact root under the cwd
         try:
-            for clusters, seed in ((4, 1), (3, 2)):
+            # The third: the hourly retrain of the first (4 clusters, another seed), the
+            # shadow phase's candidate.
+            for clusters, seed in ((4, 1), (3, 2), (4, 3)):
                 r = await train(settings, clusters=clusters, activate=False, seed=seed,
                                 readings=20_000)
                 self.models.append(Model(r.run_id, int(r.version), clusters))
@@ -914,11 +918,89 @@ class Bench:
                 self.results["live"] = await self.phase_live()
             if "restart" in phases:
                 self.results["restart"] = await self.phase_restart()
+            if "shadow" in phases:
+                self.results["shadow"] = await self.phase_shadow()
         finally:
             if self.server is not None:
                 await asyncio.to_thread(stop_cluster, self.server)
         self.results["bench_seconds"] = round(time.monotonic() - t_start, 1)
         return self.results
+
+    async def phase_shadow(self) -> dict[str, Any]:
+        """Worker CPU per reading with a shadow candidate vs without, on the same paced stream
+        (--shadow-rate for --shadow-seconds), rounds alternating so that the machine's noise
+        falls on both alike. The candidate is the hourly retrain of the active model."""
+        candidate = self.models[2]
+        rounds: list[dict[str, Any]] = []
+        for i in range(self.args.shadow_rounds):
+            for shadow in (False, True):
+                rounds.append(await self._shadow_round(i, shadow, candidate))
+        off = [r["worker_cpu_us_per_reading"] for r in rounds if not r["shadow"]]
+        on = [r["worker_cpu_us_per_reading"] for r in rounds if r["shadow"]]
+        ratios = [b / a for a, b in zip(off, on, strict=True) if a]
+        out = {"rate": self.args.shadow_rate, "seconds": self.args.shadow_seconds,
+               "rounds": rounds,
+               "median_us_per_reading": {"off": float(np.median(off)),
+                                         "on": float(np.median(on))},
+               "ratio_per_round": [round(r, 3) for r in ratios],
+               "median_ratio": round(float(np.median(ratios)), 3) if ratios else None}
+        say(f"shadow: worker CPU per reading {out['median_ratio']} x without a candidate "
+            f"(median of {len(ratios)} alternating rounds at {self.args.shadow_rate}/s)")
+        return out
+
+    async def _shadow_round(self, i: int, shadow: bool, candidate: Model) -> dict[str, Any]:
+        name = f"shadow_{i}_{'on' if shadow else 'off'}"
+        assert self.steady_producer is not None
+        conn = await self.new_db(name)
+        w = self.start_worker(name, name)
+        try:
+            await w.seconds_to_ready()
+            if shadow:  # what an operator runs
+                await conn.execute(
+                    "INSERT INTO model_candidates (mlflow_run_id, mlflow_model_version)"
+                    " VALUES ($1, $2)", candidate.run_id, candidate.version)
+            await load.produce(self.dsn(name), self.steady_producer, 1000, 2)  # warm-up
+            await wait_drained(conn)
+            if shadow:  # loading it from MLflow imports MLflow and scikit-learn: seconds
+                for _ in range(1200):
+                    if any(k.startswith("sensor_shadow_candidate_info{")
+                           for k in await w.ascrape()):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"{name}: the candidate was not shadowed within 60 s")
+            await asyncio.sleep(3)  # the imports that follow a load (sklearn.metrics) are done
+            before = await w.ascrape()
+            cpu0 = w.cpu_seconds()
+            prod = await load.produce(self.dsn(name), self.steady_producer,
+                                      self.args.shadow_rate, self.args.shadow_seconds)
+            await wait_drained(conn)
+            shadow_key = "sensor_shadow_predictions_total"
+            if shadow:  # the shadow rows trail the predictions a little
+                for _ in range(600):  # 30 s at most
+                    if (await w.ascrape()).get(shadow_key, 0) >= (before.get(shadow_key, 0)
+                                                                  + prod.rows):
+                        break
+                    await asyncio.sleep(0.05)
+            cpu = w.cpu_seconds() - cpu0
+            after = await w.ascrape()
+        finally:
+            await w.astop()
+            await conn.close()
+            await self.drop_db(name)
+        scored = after["sensor_predictions_total"] - before["sensor_predictions_total"]
+        row = {"round": i, "shadow": shadow, "produced": prod.rows,
+               "produced_rate": round(prod.rate), "scored": int(scored),
+               "shadow_scored": int(after.get(shadow_key, 0) - before.get(shadow_key, 0)),
+               "shadow_failures": int(sum(v for k, v in after.items()
+                                          if k.startswith("sensor_shadow_failures_total"))),
+               "evaluations": int(after.get("sensor_shadow_evaluations_total", 0)),
+               "agreement_ari": after.get("sensor_shadow_agreement_ari"),
+               "worker_cpu_s": round(cpu, 3),
+               "worker_cpu_us_per_reading": round(cpu / max(scored, 1) * 1e6, 1)}
+        say(f"{name}: {row['scored']:,} scored, {row['shadow_scored']:,} in the shadow, "
+            f"worker {row['worker_cpu_us_per_reading']} us CPU/reading")
+        return row
 
 
 # -- measurements -------------------------------------------------------------------------------
@@ -1091,6 +1173,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--restart-timeout", type=float, default=60,
                    help="seconds to wait for a restarted worker's first prediction")
     p.add_argument("--old-seconds", type=float, default=20)
+    p.add_argument("--shadow-rate", type=int, default=2000,
+                   help="readings per second of the shadow phase's stream")
+    p.add_argument("--shadow-seconds", type=float, default=15)
+    p.add_argument("--shadow-rounds", type=int, default=3,
+                   help="alternating rounds without and with a shadow candidate")
     p.add_argument("--pool", type=int, default=200_000, help="distinct readings generated")
     p.add_argument("--drift-repeats", type=int, default=300)
     p.add_argument("--profile", action="store_true",
@@ -1108,6 +1195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "step_seconds": 5, "old_seconds": 5, "swaps": 4, "pool": 50_000,
                  "drift_repeats": 100, "step_rates": [1000, 10_000, 30_000, 40_000],
                  "ceiling_seconds": 4, "foreign_seconds": 6, "foreign_timeout": 15, "kills": 5,
+                 "shadow_seconds": 5, "shadow_rounds": 2,
                  "steady_rates": [1000]}
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import adjusted_rand_score
 
 from sensor_predictor.drift import g_test_p_value, js_divergence
-from sensor_predictor.shadow import ShadowWindow, WindowSample, evaluate
+from sensor_predictor.shadow import ShadowWindow, WindowSample, adjusted_rand_index, evaluate
 
 
 def _batch(start: int, n: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -52,6 +52,24 @@ def test_agreement_is_scikit_learns_adjusted_rand_index_and_the_same_id_share(
                                                   abs=1e-12)
     assert e.same_id_share == pytest.approx(float(np.mean(active == candidate)))
     assert e.candidate_drift_score is None and e.candidate_p_value is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=0, max_size=200))
+def test_the_contingency_ari_equals_scikit_learns(pairs: list[tuple[int, int]]) -> None:
+    a = [x for x, _ in pairs]
+    b = [y for _, y in pairs]
+    expected = adjusted_rand_score(a, b) if pairs else 1.0
+    assert adjusted_rand_index(a, b) == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_contingency_ari_does_not_overflow_on_a_large_window() -> None:
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 12, 1_000_000)
+    b = np.where(rng.random(a.size) < 0.9, a, rng.integers(0, 12, a.size))
+    assert adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    with pytest.raises(ValueError, match="differ in length"):
+        adjusted_rand_index([0, 1], [0])
 
 
 def test_a_renumbered_but_identical_grouping_agrees_fully_and_shares_no_id() -> None:
