@@ -30,13 +30,28 @@ class WorkerSnapshot:
     drift_events: int
     backlog: int  # as the worker last counted it (every few seconds)
     metrics_port: int | None  # where /metrics and /ready answer, once they do
+    # Shadow scoring: the candidate's version (None: no candidate), its readings scored, its
+    # agreement windows and the last one's figures (None before the first window).
+    shadow_version: str | None = None
+    shadow_predictions: int = 0
+    shadow_evaluations: int = 0
+    shadow_ari: float | None = None
+    shadow_same_id: float | None = None
+    shadow_drift_score: float | None = None
 
 
 def take_snapshot(metrics: Metrics, *, ready: bool, model_version: str | None,
-                  metrics_port: int | None) -> WorkerSnapshot:
+                  metrics_port: int | None, shadow_version: str | None = None
+                  ) -> WorkerSnapshot:
     m = metrics
     score = _value(m.drift_score)
     return WorkerSnapshot(
+        shadow_version=shadow_version,
+        shadow_predictions=int(_value(m.shadow_predictions)),
+        shadow_evaluations=int(_value(m.shadow_evaluations)),
+        shadow_ari=_number(m.shadow_ari),
+        shadow_same_id=_number(m.shadow_same_id),
+        shadow_drift_score=_number(m.shadow_drift_score),
         ready=ready,
         model_version=model_version,
         predictions=int(_value(m.predictions)),
@@ -48,6 +63,12 @@ def take_snapshot(metrics: Metrics, *, ready: bool, model_version: str | None,
         backlog=int(_value(m.backlog)),
         metrics_port=metrics_port,
     )
+
+
+def _number(collector: Any) -> float | None:
+    """An unlabelled gauge, None while it is NaN (nothing measured yet)."""
+    v = _value(collector)
+    return None if math.isnan(v) else v
 
 
 def _value(collector: Any) -> float:

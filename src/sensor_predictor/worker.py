@@ -160,10 +160,11 @@ class Worker:
 
     def snapshot(self) -> WorkerSnapshot:
         """What it serves and has done so far, for an in-process watcher (the demo)."""
-        model = self.holder.current
+        model, candidate = self.holder.current, self.shadow.candidate
         return take_snapshot(self.metrics, ready=self.readiness()[0],
                              model_version=None if model is None else str(model.version),
-                             metrics_port=self.metrics_server.port or None)
+                             metrics_port=self.metrics_server.port or None,
+                             shadow_version=None if candidate is None else candidate.version)
 
     def _update_ready(self) -> None:
         self.metrics.ready.set({}, 1 if self.readiness()[0] else 0)

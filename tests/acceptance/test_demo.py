@@ -105,13 +105,24 @@ def check_full_run(output: str) -> None:
     """What a run that went to its end must show."""
     assert re.match(r"OK: each of the [1-9]\d* readings has exactly one prediction or error",
                     summary_value(output, "exactly-once")), output
+    # The first model, the hourly retrain, the candidate promoted.
     served = summary_value(output, "models served").split(" -> ")
-    assert len(served) == 2 and len(set(served)) == 2, output
+    assert len(served) == 3 and len(set(served)) == 3, output
     per_version = dict(re.findall(r"v(\d+): (\d+)", summary_value(output, "predictions")))
-    assert len(per_version) == 2 and all(int(n) > 0 for n in per_version.values()), output
+    assert len(per_version) == 3 and all(int(n) > 0 for n in per_version.values()), output
     assert int(summary_value(output, "drift events")) >= 1, output
     assert "drift detected on model" in output
     assert "mid-stream" in output and "the worker now serves model" in output
+    # The hourly retrain (same stream) speaks in the first model's ids: continuous.
+    first, hourly = (re.findall(r"(\d+): \d+%", line) for line in re.findall(
+        r"^ {2}(?:by cluster id| {13}) {6}v\d+ {2}(.*)$", output, re.MULTILINE)[:2])
+    assert first and sorted(first) == sorted(hourly), output
+    # The candidate: scored in the shadow, its agreement measured, then promoted.
+    shadow = summary_value(output, "shadow")
+    assert re.search(rf"candidate {served[2]}: [1-9]\d* readings scored beside the active "
+                     r"model, [1-9]\d* window\(s\): adjusted Rand index -?\d\.\d{3}", shadow), \
+        output
+    assert f"promoting candidate {served[2]}" in output
     assert STATUS_ROW.search(output), output
 
 

@@ -11,7 +11,7 @@ import pytest
 from sensor_predictor.demo.console import format_ms
 from sensor_predictor.demo.postgres import DemoError, named_by_environment, reachable_by_others
 from sensor_predictor.demo.status import STATUS_HEADER, Sample, status_line
-from sensor_predictor.demo.summary import DriftRow, Facts, render, verdict
+from sensor_predictor.demo.summary import DriftRow, Facts, ShadowRow, render, verdict
 from sensor_predictor.demo.timeline import Options
 from sensor_predictor.devtools.tally import Tally
 from sensor_predictor.snapshot import WorkerSnapshot
@@ -80,6 +80,19 @@ def test_the_summary_lists_models_drift_and_the_verdict() -> None:
     assert "models served      v1 -> v2" in text
     assert lines[-2].startswith("  exactly-once       OK: each of the 100 readings")
     assert lines[-1] == "  logs               demo.log"
+
+
+def test_the_summary_shows_the_ids_by_model_and_the_shadow_candidate() -> None:
+    facts = Facts(tally(100), [("1", 60), ("2", 40)], [], [], [],
+                  clusters={"1": {0: 30, 1: 30}, "2": {0: 10, 1: 30}},
+                  shadow=[ShadowRow("2", 50, 5, 0.8123, 0.9, 0.02)])
+    text = "\n".join(render(facts, stream_seconds=10.0, target_rate=10, served=["1", "2"],
+                            interrupted=False)[0])
+    assert "  by cluster id      v1  0: 50%  1: 50%\n                     v2  0: 25%  1: 75%" \
+        in text
+    assert ("  shadow             candidate v2: 50 readings scored beside the active model, "
+            "5 window(s): adjusted Rand index 0.812, same stable id 0.900, its own drift 0.020"
+            ) in text
 
 
 def test_options_reject_an_unknown_postgres_mode(tmp_path: Path) -> None:

@@ -27,10 +27,14 @@ next to it, fresh for every run (so the first model is v1 every time); it is kep
 so `mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db` shows the runs afterwards.
 
 Timeline for --duration D: migrate, train a model (4 clusters) and activate it, start the worker
-in this process and, once it serves the model, the simulator; the stream starts. At 0.5 D the
-simulator shifts the distribution (drift); at 0.7 D a model retrained on the drifted readings is
-activated mid-stream and the worker swaps to it. At D the simulator stops, the worker drains
-the backlog and stops, and a summary follows, ending with the exactly-once check.
+in this process and, once it serves the model, the simulator; the stream starts. At 0.2 D the
+old trainer's hourly retrain: a model fitted on the latest readings is activated mid-stream, and
+its clusters keep their stable ids. At 0.4 D the simulator shifts the distribution (drift); at
+0.55 D a model retrained on the drifted readings is marked as the shadow candidate, and the
+worker scores it beside the active model (agreement windows); at 0.8 D, once a window is
+measured, it is promoted (an ordinary activation). At D the simulator stops, the worker drains
+the backlog and stops, and a summary follows: predictions by stable cluster id per model, the
+shadow candidate's agreement, ending with the exactly-once check.
 
 Ctrl-C (SIGINT) or SIGTERM at any point: the simulator and the worker stop cleanly (a second
 signal skips the short drain), the summary so far is printed, the throwaway server is stopped

@@ -25,6 +25,16 @@ class DriftRow:
 
 
 @dataclass(frozen=True)
+class ShadowRow:
+    candidate_version: str
+    readings: int
+    windows: int
+    ari: float | None  # means over its windows
+    same_id: float | None
+    drift: float | None
+
+
+@dataclass(frozen=True)
 class Facts:
     """The demo's readings (id above the baseline) and what became of them."""
 
@@ -33,6 +43,9 @@ class Facts:
     bad_by_reason: list[tuple[str, int]]
     drift: list[DriftRow]
     latency_buckets: list[tuple[float, float]] = field(default_factory=list)
+    # model version -> {stable cluster id: predictions}
+    clusters: dict[str, dict[int, int]] = field(default_factory=dict)
+    shadow: list[ShadowRow] = field(default_factory=list)
 
 
 async def gather(pool: asyncpg.Pool, baseline_reading: int, baseline_drift: int,
@@ -41,6 +54,12 @@ async def gather(pool: asyncpg.Pool, baseline_reading: int, baseline_drift: int,
     versions = await pool.fetch(q["predictions_by_version"], baseline_reading)
     bad = await pool.fetch(q["errors_by_reason"], baseline_reading)
     drift = await pool.fetch(q["drift_rows_after"], baseline_drift)
+    clusters: dict[str, dict[int, int]] = {}
+    for r in await pool.fetch(q["cluster_ids_by_version"], baseline_reading):
+        clusters.setdefault(str(r["model_version"]), {})[int(r["cluster_id"])] = int(r["n"])
+    shadow = [ShadowRow(str(r["model_version"]), int(r["readings"]), int(r["windows"]),
+                        _float(r["ari"]), _float(r["same_id"]), _float(r["drift"]))
+              for r in await pool.fetch(q["shadow_by_candidate"], baseline_reading)]
     return Facts(
         await tally(pool, baseline_reading),
         [(str(r["model_version"]), int(r["n"])) for r in versions],
@@ -48,7 +67,15 @@ async def gather(pool: asyncpg.Pool, baseline_reading: int, baseline_drift: int,
         [DriftRow(str(r["model_version"]), float(r["drift_score"]),
                   None if r["peak_score"] is None else float(r["peak_score"]),
                   r["detection_time"], r["ended_at"]) for r in drift],
-        latency_buckets)
+        latency_buckets, clusters, shadow)
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _clock(moment: datetime) -> str:
@@ -79,6 +106,16 @@ def render(facts: Facts, *, stream_seconds: float, target_rate: float, served: S
     predicted = sum(n for _, n in facts.per_version)
     per_version = "   ".join(f"v{v}: {n}" for v, n in facts.per_version)
     rows.append(("predictions", f"{predicted}" + (f"   ({per_version})" if per_version else "")))
+    for i, (version, _) in enumerate(facts.per_version):
+        counts = facts.clusters.get(version, {})
+        total = sum(counts.values()) or 1
+        shares = "  ".join(f"{cid}: {n / total:.0%}" for cid, n in sorted(counts.items()))
+        rows.append(("by cluster id" if i == 0 else "", f"v{version}  {shares}"))
+    for sh in facts.shadow:
+        rows.append(("shadow", f"candidate v{sh.candidate_version}: {sh.readings} readings "
+                               f"scored beside the active model, {sh.windows} window(s): "
+                               f"adjusted Rand index {_fmt(sh.ari)}, same stable id "
+                               f"{_fmt(sh.same_id)}, its own drift {_fmt(sh.drift)} (means)"))
     n_bad = sum(n for _, n in facts.bad_by_reason)
     reasons = ", ".join(f"{r}: {n}" for r, n in facts.bad_by_reason)
     rows.append(("bad readings", f"{n_bad}" + (f"   ({reasons})" if reasons else "")))

@@ -1,5 +1,6 @@
-"""The demo's timeline: set-up, the stream (drift, a retrained model mid-stream), and the
-wind-down that always runs (summary, servers stopped). See the package docstring.
+"""The demo's timeline: set-up, the stream (an hourly retrain swapped in, drift, a model
+retrained on the drift scored in the shadow, then promoted mid-stream), and the wind-down that
+always runs (summary, servers stopped). See the package docstring.
 
 Longer than our ~400 lines on purpose: it is one state machine (class Demo). A signal may
 arrive at any step, and the wind-down must stop whatever has started by then, in order; the
@@ -50,8 +51,10 @@ MODES: tuple[Mode, ...] = ("auto", "env", "binaries", "embedded")
 CLUSTERS = 4
 MACHINES = 10
 INITIAL_TRAINING_READINGS = 10_000
-DRIFT_AT = 0.5  # share of the duration
-RETRAIN_AT = 0.7
+HOURLY_AT = 0.2  # share of the duration: the old trainer's hourly retrain, activated at once
+DRIFT_AT = 0.4
+RETRAIN_AT = 0.55  # retrained and marked as the shadow candidate
+PROMOTE_AT = 0.8  # promoted (activated), once its agreement has been measured
 RETRAIN_MIN_READINGS = 100  # fewer drifted readings than this: train() falls back to generated
 RETRAIN_GRACE_SECONDS = 60.0  # the stream runs on past D until the retrained model is served
 WORKER_READY_TIMEOUT = 120.0
@@ -134,6 +137,10 @@ def _prepare_mlflow(uri: str, store: Path, artifacts: Path) -> tuple[str, bool]:
     return artifacts.as_uri(), replaced
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _task_error(task: asyncio.Task[Any]) -> str:
     if task.cancelled():
         return "cancelled"
@@ -158,8 +165,14 @@ class Demo:
         self.worker: Any = None  # sensor_predictor.worker.Worker, imported lazily
         self.worker_task: asyncio.Task[int] | None = None
         self.sim: _Simulation | None = None
+        self.hourly_task: asyncio.Task[None] | None = None
+        self.hourly_version: str | None = None
         self.retrain_task: asyncio.Task[None] | None = None
         self.retrained_version: str | None = None
+        self.retrained: Any = None  # training.TrainResult of the candidate
+        self.promote_task: asyncio.Task[None] | None = None
+        self._shadow_seen: str | None = None
+        self._shadow_windows_seen = 0
         self.baseline_reading = 0
         self.baseline_drift = 0
         self.drift_from_id: int | None = None
@@ -374,9 +387,11 @@ class Demo:
         d = o.duration
         self.t0 = time.monotonic()
         self.sim = _Simulation(self.settings, o.rate, drift=False, seed=1)
-        self.event(f"stream started: {MACHINES} machines, {o.rate:g} readings/s; drift at "
-                   f"{DRIFT_AT * d:.0f} s, retrained model at {RETRAIN_AT * d:.0f} s, end at "
-                   f"{d:g} s (Ctrl-C stops)")
+        self.event(f"stream started: {MACHINES} machines, {o.rate:g} readings/s; an hourly "
+                   f"retrain at {HOURLY_AT * d:.0f} s, drift at "
+                   f"{DRIFT_AT * d:.0f} s, a retrained model in the shadow at "
+                   f"{RETRAIN_AT * d:.0f} s, promoted at {PROMOTE_AT * d:.0f} s, end at {d:g} s "
+                   "(Ctrl-C stops)")
         self.console.line(STATUS_HEADER)
         plain_every = max(1.0, min(5.0, d / 10))
         shown = last = await self._sample()
@@ -387,12 +402,16 @@ class Demo:
                 break
             self._check_tasks()
             now = self._elapsed()
+            if self.hourly_task is None and now >= HOURLY_AT * d:
+                self.hourly_task = asyncio.create_task(self._hourly_retrain(), name="hourly")
             if self.drift_from_id is None and now >= DRIFT_AT * d:
                 await self._start_drift()
             if self.retrain_task is None and now >= RETRAIN_AT * d:
                 self.retrain_task = asyncio.create_task(self._retrain(), name="retrain")
             last = await self._sample()
             self._notice_changes()
+            if self.promote_task is None and now >= PROMOTE_AT * d and self._promotable():
+                self.promote_task = asyncio.create_task(self._promote(), name="promote")
             if self.console.tty or last.at - shown.at >= plain_every - 0.05:
                 self.console.status(status_line(self._elapsed(), shown, last,
                                                 self.served[-1] if self.served else None))
@@ -419,15 +438,50 @@ class Demo:
         if self.retrain_task is not None and self.retrain_task.done() \
                 and not self.retrain_task.cancelled() and self.retrain_task.exception():
             raise DemoError(f"retraining failed: {_task_error(self.retrain_task)}")
+        if self.hourly_task is not None and self.hourly_task.done() \
+                and not self.hourly_task.cancelled() and self.hourly_task.exception():
+            raise DemoError(f"the hourly retrain failed: {_task_error(self.hourly_task)}")
+        if self.promote_task is not None and self.promote_task.done() \
+                and not self.promote_task.cancelled() and self.promote_task.exception():
+            raise DemoError(f"the promotion failed: {_task_error(self.promote_task)}")
 
     def _retrain_pending(self) -> str | None:
+        if self.hourly_task is None or not self.hourly_task.done():
+            return "the hourly retrain is not done yet"
+        if self.hourly_version is not None and self.hourly_version not in self.served:
+            return f"the worker does not serve the hourly retrain v{self.hourly_version} yet"
         if self.retrain_task is None:
             return "the retrained model has not been trained yet"
         if not self.retrain_task.done():
             return "the retrained model is still training"
+        if self.promote_task is None:
+            return (f"candidate v{self.retrained_version} has no agreement window measured "
+                    "yet")
         if self.retrained_version is not None and self.retrained_version not in self.served:
             return f"the worker does not serve model v{self.retrained_version} yet"
         return None
+
+    def _promotable(self) -> bool:
+        """The candidate is marked, and the worker has measured at least one agreement window
+        of it."""
+        if self.retrained is None or self.worker is None:
+            return False
+        snap = self.worker.snapshot()
+        return bool(snap.shadow_version == self.retrained_version and snap.shadow_evaluations > 0)
+
+    async def _promote(self) -> None:
+        from sensor_predictor.training import activate_model
+
+        assert self.pool is not None and self.retrained is not None
+        r = self.retrained
+        snap = self.worker.snapshot()
+        self.event(f"promoting candidate v{r.version} after {snap.shadow_predictions} readings "
+                   f"in the shadow (last window: adjusted Rand index "
+                   f"{_fmt(snap.shadow_ari)}, same stable id {_fmt(snap.shadow_same_id)}): "
+                   "an ordinary activation")
+        async with self.pool.acquire() as conn:
+            await activate_model(conn, r.run_id, r.version, r.n_clusters, r.silhouette,
+                                 r.profiles)
 
     async def _start_drift(self) -> None:
         assert self.pool is not None
@@ -437,6 +491,21 @@ class Demo:
         self.drift_from_id = int(await self.pool.fetchval(db.queries()["last_reading_id"]))
         self.sim = _Simulation(self.settings, self.opts.rate, drift=True, seed=2)
         self.event("the stream drifts: sensors 4-8 run hotter, failures come five times as often")
+
+    async def _hourly_retrain(self) -> None:
+        """What the old trainer does every hour: fit on the latest readings (the same stream)
+        and activate at once. Its clusters keep their stable ids."""
+        from sensor_predictor.training import train
+
+        assert self.pool is not None
+        n = int(await self.pool.fetchval(db.queries()["readings_after"], self.baseline_reading))
+        self.event(f"the hourly retrain: fitting on the latest {n} readings ...")
+        result = await train(self.settings, clusters=CLUSTERS, readings=max(n, 1),
+                             min_readings=RETRAIN_MIN_READINGS, activate=True, seed=7)
+        self.hourly_version = str(result.version)
+        self.event(f"model v{result.version} trained on {result.n_readings} {result.source} "
+                   f"readings and activated mid-stream: KMeans numbers its clusters anew, the "
+                   "stable ids carry on (predictions by cluster id stay continuous)")
 
     async def _retrain(self) -> None:
         from sensor_predictor.training import train
@@ -450,11 +519,18 @@ class Demo:
             self.event(f"only {n} drifted readings: retraining on generated ones (the drift "
                        "will stay) ...")
             readings, min_readings = 5_000, 5_001  # more than asked for: generated readings
+        from sensor_predictor.training import mark_candidate
+
         result = await train(self.settings, clusters=CLUSTERS, readings=readings,
-                             min_readings=min_readings, activate=True, seed=1)
+                             min_readings=min_readings, activate=False, seed=1)
+        async with self.pool.acquire() as conn:
+            await mark_candidate(conn, result.run_id, result.version)
         self.retrained_version = str(result.version)
+        self.retrained = result
         self.event(f"model v{result.version} trained on {result.n_readings} {result.source} "
-                   f"readings (silhouette {result.silhouette:.3f}) and activated mid-stream")
+                   f"readings (silhouette {result.silhouette:.3f}) and marked as the shadow "
+                   "candidate (a row in model_candidates): scored beside the active model, "
+                   "to be promoted mid-stream")
 
     async def _sample(self) -> Sample:
         assert self.pool is not None
@@ -485,6 +561,22 @@ class Demo:
         if self._drift_open and not snap.drift_detected:
             self.event(f"drift on model v{version} is over")
         self._drift_open = snap.drift_detected
+        if snap.shadow_version is not None and snap.shadow_version != self._shadow_seen:
+            self.event(f"the worker scores candidate v{snap.shadow_version} in the shadow, "
+                       f"beside v{version} (table shadow_predictions)")
+            self._shadow_windows_seen = 0
+        elif snap.shadow_version is None and self._shadow_seen is not None:
+            self.event(f"shadow scoring of v{self._shadow_seen} stopped (promoted); its rows "
+                       "stay")
+        self._shadow_seen = snap.shadow_version
+        if snap.shadow_version is not None and snap.shadow_evaluations \
+                and not self._shadow_windows_seen:
+            self.event(f"candidate v{snap.shadow_version}, first agreement window: adjusted "
+                       f"Rand index {_fmt(snap.shadow_ari)}, same stable id "
+                       f"{_fmt(snap.shadow_same_id)}; its drift against its own training "
+                       f"{_fmt(snap.shadow_drift_score)}, the active model's "
+                       f"{_fmt(snap.drift_score)} (a row in shadow_evaluations)")
+        self._shadow_windows_seen = snap.shadow_evaluations
 
     # -- the end --------------------------------------------------------------------------
 
@@ -520,7 +612,8 @@ class Demo:
             except Exception as exc:
                 self.failure = self.failure or f"the simulator failed: {describe(exc)}"
             self.sim = None
-        for task in (self.mlflow_ready, self.retrain_task):
+        for task in (self.mlflow_ready, self.hourly_task, self.retrain_task,
+                     self.promote_task):
             if task is not None and not task.done():
                 task.cancel()  # its thread, if any, runs to its end (asyncio.run waits)
             if task is not None:

@@ -258,6 +258,24 @@ SELECT count(*) FROM readings WHERE id > $1;
 SELECT model_version, count(*) AS n FROM predictions WHERE reading_id > $1
  GROUP BY model_version ORDER BY min(id);
 
+-- name: cluster_ids_by_version
+-- The demo's summary: predictions of the readings with id > $1 by model and stable cluster id.
+SELECT model_version, cluster_id, count(*) AS n FROM predictions WHERE reading_id > $1
+ GROUP BY model_version, cluster_id ORDER BY model_version, cluster_id;
+
+-- name: shadow_by_candidate
+-- The demo's summary: each candidate's shadow scoring of the readings with id > $1, and the
+-- mean of its agreement windows.
+WITH s AS (SELECT model_version, count(*) AS readings, min(scored_at) AS first
+             FROM shadow_predictions WHERE reading_id > $1 GROUP BY model_version),
+     e AS (SELECT candidate_version, count(*) AS windows, avg(adjusted_rand_index) AS ari,
+                  avg(same_id_share) AS same_id, avg(candidate_drift_score) AS drift
+             FROM shadow_evaluations WHERE first_reading_id > $1 GROUP BY candidate_version)
+SELECT s.model_version, s.readings, COALESCE(e.windows, 0) AS windows, e.ari, e.same_id,
+       e.drift
+  FROM s LEFT JOIN e ON e.candidate_version = s.model_version
+ ORDER BY s.first;
+
 -- name: errors_by_reason
 SELECT reason, count(*) AS n FROM reading_errors WHERE reading_id > $1
  GROUP BY reason ORDER BY reason;
