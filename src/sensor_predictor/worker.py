@@ -1,8 +1,9 @@
 """The worker: wake-ups in, batches out, until SIGTERM; its lifecycle and its drain loop.
 
-Longer than most modules (about 450 lines): the lifecycle, the drain loop and its lanes, and the
-background tasks (listener, model, poll, backlog) share the worker's state and its shutdown;
-the pure parts (batch sizes, retry delays) are functions at the bottom, unit-tested.
+Longer than most modules (about 490 lines): the lifecycle, the drain loop and its lanes, and the
+background tasks (listener, model and shadow candidate, poll, backlog) share the worker's state
+and its shutdown; the pure parts (batch sizes, retry delays) are functions at the bottom,
+unit-tested.
 """
 
 from __future__ import annotations
@@ -268,12 +269,26 @@ class Worker:
                 if await self.holder.refresh(self.pool):
                     await self._model_changed(self.holder.current)
                 # After the active model: a promoted candidate is no candidate any more.
-                if await self.candidate_holder.refresh(self.pool):
-                    await self.shadow.candidate_changed(self.candidate_holder.current)
+                await self._refresh_candidate()
             except db.UNAVAILABLE as exc:
                 log.warning("model_check_failed", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(0.5)
                 self._model_event.set()
+
+    async def _refresh_candidate(self) -> None:
+        """Follow model_candidates; whatever goes wrong there never stops the active model's
+        watch (a schema without migration 0006 under --no-migrate, say): logged, counted."""
+        assert self.pool is not None
+        try:
+            changed = await self.candidate_holder.refresh(self.pool)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, db.UNAVAILABLE):
+                raise  # the database went away: the model watch retries
+            self.shadow.load_failed("load_failed")
+            log.error("shadow_candidate_check_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        if changed:
+            await self.shadow.candidate_changed(self.candidate_holder.current)
 
     async def _model_changed(self, model: LoadedModel | None) -> None:
         assert self.pool is not None

@@ -181,6 +181,20 @@ async def test_a_candidate_that_cannot_load_is_logged_and_counted_and_scoring_go
     events = [e for e in worker.events() if e.get("event") == "shadow_candidate_load_failed"]
     assert events and events[0]["run_id"] == "0" * 32
     assert series_value(await worker.ascrape(), "sensor_ready") == 1
+    # The operator withdraws it and marks a good one, then withdraws that one too: shadow
+    # scoring follows each plain SQL statement.
+    await conn.execute("UPDATE model_candidates SET withdrawn_at = now()"
+                       " WHERE withdrawn_at IS NULL")
+    await _mark_candidate(conn, *models.v2)
+    await wait_until(lambda: _shadowing(worker, models.v2[1]), "the good candidate shadowed", 60)
+    await conn.execute("UPDATE model_candidates SET withdrawn_at = now()"
+                       " WHERE withdrawn_at IS NULL")
+
+    async def not_shadowing() -> bool:
+        return not any(k.startswith("sensor_shadow_candidate_info{")
+                       for k in await worker.ascrape())
+
+    await wait_until(not_shadowing, "shadow scoring stopped by the withdrawal", 30)
 
 
 async def test_a_shadow_write_that_fails_is_counted_and_the_active_predictions_go_on(
