@@ -225,14 +225,18 @@ async def activate_model(
     conn: asyncpg.Connection,
     run_id: str,
     version: int | None,
-    n_clusters: int | None,
-    silhouette: float | None,
-    profiles: Mapping[str, Mapping[str, float]] | None,
+    n_clusters: int | None = None,
+    silhouette: float | None = None,
+    profiles: Mapping[str, Mapping[str, float]] | None = None,
 ) -> int:
     """Make a run's model the one served, in one transaction; returns its clusters row id.
 
     Every other clusters row is deactivated and a versions notice is added, as the old
     trainer did. Activating a run that already has a row (a rollback) reactivates that row.
+    The bookkeeping (n_clusters, silhouette, profiles) describes the model and may be left
+    out, as a plain SQL activation leaves it out: the worker serves the model all the same.
+    Activations are serialised by an advisory lock, so two at once leave one active row.
+    The one activation: the trainer, the tests and the bench's setup use it.
     """
     notice = version_label(run_id, version)
     q = db.queries()

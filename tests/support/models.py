@@ -1,4 +1,8 @@
-"""Models trained once per session by the product's own trainer, and their activation."""
+"""Models trained once per session by the product's own trainer.
+
+They are activated by the product's activation too: sensor_predictor.training.activate_model
+(its advisory lock, the deactivation, the clusters upsert and the versions notice).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import asyncio
 import os
 import uuid
 from dataclasses import dataclass
-
-import asyncpg
 
 from sensor_predictor.config import load_settings
 from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
@@ -50,13 +52,3 @@ def log_models(pg_server: PgServer, store: MlflowServer) -> Models:
 
     return asyncio.run(go())
 
-
-async def activate(conn: asyncpg.Connection, run_id: str, version: int | None,
-                   n_clusters: int | None = None) -> int:
-    """What any client does to deploy a model: one SQL transaction."""
-    async with conn.transaction():
-        await conn.execute("UPDATE clusters SET is_active = false WHERE is_active")
-        row_id: int = await conn.fetchval(
-            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
-            " VALUES ($1, $2, true, $3) RETURNING id", run_id, version, n_clusters)
-    return row_id
