@@ -75,8 +75,9 @@ async def _switched_once(conn: asyncpg.Connection, old: str, new: str, at_least:
 
 async def _scored_up_to(conn: asyncpg.Connection, mark: int, timeout: float = 20) -> None:  # noqa: ASYNC109
     started = time.monotonic()
-    while await unscored(conn, up_to=mark) > 0:
-        assert time.monotonic() - started < timeout
+    while (left := await unscored(conn, up_to=mark)) > 0:
+        assert time.monotonic() - started < timeout, (
+            f"{left} readings up to id {mark} not scored in {timeout} s (no model serving?)")
         await asyncio.sleep(0.02)
 
 
