@@ -51,6 +51,7 @@ from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.logging_setup import configure_logging
 from sensor_predictor.migrate import migrate
+from sensor_predictor.training import activate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["drift", "drain", "old", "adoption", "producer", "live", "foreign", "restart",
@@ -176,9 +177,7 @@ class Bench:
         await admin.close()
         conn = await asyncpg.connect(**self.dsn(name))
         a = self.models[0]
-        await conn.execute(
-            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
-            " VALUES ($1, $2, true, $3)", a.run_id, a.version, a.n_clusters)
+        await activate_model(conn, a.run_id, a.version, a.n_clusters)
         return conn
 
     async def drop_db(self, name: str) -> None:
@@ -395,9 +394,7 @@ class Bench:
         before = [w for t, w in waits if t + w < m0]
         during = [w for t, w in waits if t < m1 and t + w > m0]
         a = self.models[0]
-        await conn.execute(
-            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
-            " VALUES ($1, $2, true, $3)", a.run_id, a.version, a.n_clusters)
+        await activate_model(conn, a.run_id, a.version, a.n_clusters)
         backlog = int(await conn.fetchval(queries()["backlog"]))
         # The old predictor's rows, to tell ours apart and to check they stay untouched.
         last_old = int(await conn.fetchval("SELECT COALESCE(max(id), 0) FROM predictions"))

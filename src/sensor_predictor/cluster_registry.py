@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from sensor_predictor import cluster_ids
+from sensor_predictor import cluster_ids, db
 from sensor_predictor.cluster_ids import Alignment, Centroids
 from sensor_predictor.model_holder import LoadedModel
 
@@ -57,20 +57,15 @@ class ModelMapping:
 
 async def _reference(conn: asyncpg.Connection, version: str, preferred: str | None
                      ) -> tuple[str, Centroids | None, list[int]] | None:
+    q = db.queries()
     ref = None
     if preferred is not None and preferred != version:
-        ref = await conn.fetchrow(
-            "SELECT model_version, feature_names, spread FROM cluster_models"
-            " WHERE model_version = $1", preferred)
+        ref = await conn.fetchrow(q["cluster_reference_named"], preferred)
     if ref is None:
-        ref = await conn.fetchrow(
-            "SELECT model_version, feature_names, spread FROM cluster_models"
-            " WHERE model_version <> $1"
-            " ORDER BY served_at DESC NULLS LAST, aligned_at DESC LIMIT 1", version)
+        ref = await conn.fetchrow(q["cluster_reference_last_served"], version)
     if ref is None:
         return None
-    rows = await conn.fetch("SELECT label, stable_id, centroid FROM cluster_ids"
-                            " WHERE model_version = $1 ORDER BY label", ref["model_version"])
+    rows = await conn.fetch(q["cluster_reference_centroids"], ref["model_version"])
     ids = [int(r["stable_id"]) for r in rows]
     if not rows or any(not r["centroid"] for r in rows):
         return ref["model_version"], None, ids
@@ -97,14 +92,14 @@ async def _ensure_aligned(conn: asyncpg.Connection, model: LoadedModel,
         return existing
     # scipy.optimize takes a second or more to import: in a thread, never on the event loop.
     await asyncio.to_thread(importlib.import_module, "scipy.optimize")
+    q = db.queries()
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *ALIGN_LOCK)
+        await conn.execute(q["cluster_align_lock"], *ALIGN_LOCK)
         existing = await _stored(conn, model)  # aligned by another replica meanwhile
         if existing is not None:
             return existing
         mine = model_centroids(model)
-        next_id = int(await conn.fetchval(
-            "SELECT COALESCE(max(stable_id) + 1, 0) FROM cluster_ids"))
+        next_id = int(await conn.fetchval(q["cluster_next_stable_id"]))
         found = await _reference(conn, model.version, reference)
         against = found[0] if found else None
         if found is None and next_id == 0:
@@ -115,16 +110,13 @@ async def _ensure_aligned(conn: asyncpg.Connection, model: LoadedModel,
         else:
             result = cluster_ids.align(mine, found[1], found[2], next_id)
         await conn.execute(
-            "INSERT INTO cluster_models (model_version, mlflow_run_id, feature_names, spread,"
-            " aligned_against) VALUES ($1, $2, $3, $4, $5)",
-            model.version, model.run_id, list(mine.feature_names if mine
-                                              else model.feature_names),
+            q["cluster_model_insert"], model.version, model.run_id,
+            list(mine.feature_names if mine else model.feature_names),
             mine.spread if mine else 0.0, against)
         centres: Sequence[Sequence[float]] = (mine.centers.tolist() if mine
                                               else [[] for _ in range(model.n_clusters)])
         await conn.executemany(
-            "INSERT INTO cluster_ids (model_version, label, stable_id, centroid, distance)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            q["cluster_id_insert"],
             [(model.version, label, sid, list(centres[label]), result.distances[label])
              for label, sid in enumerate(result.stable_ids)])
     log.info("clusters_aligned", model_version=model.version, run_id=model.run_id,
@@ -136,8 +128,7 @@ async def _ensure_aligned(conn: asyncpg.Connection, model: LoadedModel,
 
 
 async def _stored(conn: asyncpg.Connection, model: LoadedModel) -> Lookup | None:
-    rows = await conn.fetch("SELECT label, stable_id FROM cluster_ids WHERE model_version = $1"
-                            " ORDER BY label", model.version)
+    rows = await conn.fetch(db.queries()["cluster_stored_mapping"], model.version)
     if not rows:
         return None
     if [r["label"] for r in rows] != list(range(model.n_clusters)):
@@ -151,15 +142,14 @@ async def _stored(conn: asyncpg.Connection, model: LoadedModel) -> Lookup | None
 
 async def mark_served(pool: asyncpg.Pool, model_version: str) -> None:
     """The model is now the active one: the reference for the next model to be aligned."""
-    await pool.execute("UPDATE cluster_models SET served_at = now() WHERE model_version = $1",
-                       model_version)
+    await pool.execute(db.queries()["cluster_mark_served"], model_version)
 
 
 async def mappings(conn: asyncpg.Connection) -> list[ModelMapping]:
     """Every stored mapping, oldest first (for `sensor-predictor clusters`)."""
-    models = await conn.fetch("SELECT * FROM cluster_models ORDER BY aligned_at, model_version")
-    ids = await conn.fetch("SELECT model_version, label, stable_id, distance FROM cluster_ids"
-                           " ORDER BY model_version, label")
+    q = db.queries()
+    models = await conn.fetch(q["cluster_models_all"])
+    ids = await conn.fetch(q["cluster_ids_all"])
     by_version: dict[str, list[tuple[int, int, float | None]]] = {}
     for r in ids:
         by_version.setdefault(r["model_version"], []).append(

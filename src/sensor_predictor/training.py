@@ -90,8 +90,7 @@ async def load_training_matrix(
     Parsed from the JSON text by feature name, never by jsonb key order, with the same rules
     the worker scores by (a reading it would refuse is not trained on).
     """
-    rows = await conn.fetch(
-        'SELECT id, "values"::text AS raw FROM readings ORDER BY id DESC LIMIT $1', limit)
+    rows = await conn.fetch(db.queries()["training_readings"], limit)
     # Parsing 50,000 JSON objects takes a second: off the event loop.
     _, matrix, bad = await asyncio.to_thread(
         features.parse_raw, [(r["id"], r["raw"]) for r in rows], feature_names)
@@ -226,31 +225,28 @@ async def activate_model(
     conn: asyncpg.Connection,
     run_id: str,
     version: int | None,
-    n_clusters: int | None,
-    silhouette: float | None,
-    profiles: Mapping[str, Mapping[str, float]] | None,
+    n_clusters: int | None = None,
+    silhouette: float | None = None,
+    profiles: Mapping[str, Mapping[str, float]] | None = None,
 ) -> int:
     """Make a run's model the one served, in one transaction; returns its clusters row id.
 
     Every other clusters row is deactivated and a versions notice is added, as the old
     trainer did. Activating a run that already has a row (a rollback) reactivates that row.
+    The bookkeeping (n_clusters, silhouette, profiles) describes the model and may be left
+    out, as a plain SQL activation leaves it out: the worker serves the model all the same.
+    Activations are serialised by an advisory lock, so two at once leave one active row.
+    The one activation: the trainer, the tests and the bench's setup use it.
     """
     notice = version_label(run_id, version)
+    q = db.queries()
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", ACTIVATION_LOCK_KEY)
-        await conn.execute("UPDATE clusters SET is_active = false WHERE is_active")
+        await conn.execute(q["activation_lock"], ACTIVATION_LOCK_KEY)
+        await conn.execute(q["deactivate_models"])
         row_id: int = await conn.fetchval(
-            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters,"
-            " silhouette_score, cluster_profiles) VALUES ($1, $2, true, $3, $4, $5::jsonb)"
-            " ON CONFLICT (mlflow_run_id) DO UPDATE SET is_active = true,"
-            " mlflow_model_version = EXCLUDED.mlflow_model_version,"
-            " n_clusters = EXCLUDED.n_clusters, silhouette_score = EXCLUDED.silhouette_score,"
-            " cluster_profiles = EXCLUDED.cluster_profiles"
-            " RETURNING id",
-            run_id, version, n_clusters, silhouette,
+            q["activate_clusters_row"], run_id, version, n_clusters, silhouette,
             None if profiles is None else json.dumps(profiles))
-        await conn.execute("INSERT INTO versions (version, run_id) VALUES ($1, $2)",
-                           notice, run_id)
+        await conn.execute(q["add_version_notice"], notice, run_id)
     log.info("model_activated", run_id=run_id, version=version, clusters_row=row_id)
     return row_id
 

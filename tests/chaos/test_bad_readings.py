@@ -10,10 +10,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sensor_predictor.training import activate_model
 from tests.support.chaos import GOOD_ROWS, StreamWriter, check_invariant, served, wait_settled
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import FEATURES, reading
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
@@ -88,7 +89,7 @@ async def test_bad_readings_mixed_into_a_stream_are_recorded_and_the_stream_goes
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     worker = workers.start(PREDICTION_BATCH_SIZE="50")
     await asyncio.to_thread(worker.wait_ready)
     writer = StreamWriter(chaos_db.server, chaos_db.name, rows=25, pause=0.02, row_source=_row)

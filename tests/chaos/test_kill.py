@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from sensor_predictor.devtools.worker_process import WorkerProcess
+from sensor_predictor.training import activate_model
 from tests.support.chaos import (
     StreamWriter,
     check_invariant,
@@ -25,7 +26,7 @@ from tests.support.chaos import (
 )
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -68,7 +69,7 @@ async def test_sigkill_at_random_moments_of_a_stream(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     # CLAIM_ORPHAN_SECONDS stays at its default (60 s, the half-open fallback): a killed
     # worker's claims are taken over because its session ended.
     env = {"PREDICTION_BATCH_SIZE": "50"}
@@ -130,7 +131,7 @@ async def test_sigterm_under_load_commits_in_flight_batches_and_exits_zero(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     # A backlog, so the worker is busy scoring when the signal comes, and a stream on top.
     env = {"PREDICTION_BATCH_SIZE": "500", "PREDICTION_CONCURRENCY": "2", "LOG_LEVEL": "debug"}
     writer = StreamWriter(chaos_db.server, chaos_db.name, rows=100, pause=0.01).start()

@@ -15,10 +15,11 @@ import asyncpg
 import pytest
 
 from sensor_predictor.devtools.worker_process import WorkerProcess
+from sensor_predictor.training import activate_model
 from tests.support.chaos import FreezableProxy, check_invariant, served, unscored, wait_settled
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings, reading
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
@@ -65,7 +66,7 @@ async def test_listener_backend_terminated_reconnects_and_catches_up(
         chaos_conn: asyncpg.Connection, chaos_models: Models, workers: Workers,
         report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     worker = workers.start(**NO_POLL)
     await asyncio.to_thread(worker.wait_ready)
     assert await _score_time(conn, 10, 0) < SCORED_QUICKLY_SECONDS
@@ -103,7 +104,7 @@ async def test_half_open_connection_heartbeat_notices_and_reconnects(
     forwarding on all of them at once without closing a socket. New connections (a reconnect)
     take a fresh path that forwards again."""
     conn = chaos_conn  # the test's own connection goes straight to PostgreSQL
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     proxy = FreezableProxy(chaos_db.server.host, chaos_db.server.port).start()
     try:
         lanes = 4

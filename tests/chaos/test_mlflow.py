@@ -11,10 +11,11 @@ import pytest
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer
 from sensor_predictor.devtools.worker_process import WorkerProcess
+from sensor_predictor.training import activate_model
 from tests.support.chaos import StreamWriter, check_invariant, served, unscored, wait_settled
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -74,8 +75,9 @@ async def _switched_once(conn: asyncpg.Connection, old: str, new: str, at_least:
 
 async def _scored_up_to(conn: asyncpg.Connection, mark: int, timeout: float = 20) -> None:  # noqa: ASYNC109
     started = time.monotonic()
-    while await unscored(conn, up_to=mark) > 0:
-        assert time.monotonic() - started < timeout
+    while (left := await unscored(conn, up_to=mark)) > 0:
+        assert time.monotonic() - started < timeout, (
+            f"{left} readings up to id {mark} not scored in {timeout} s (no model serving?)")
         await asyncio.sleep(0.02)
 
 
@@ -86,14 +88,14 @@ async def test_mlflow_down_during_a_swap_old_model_serves_then_the_swap_goes_thr
         chaos_mlflow: MlflowServer, workers: Workers, report: Any) -> None:
     conn = chaos_conn
     v1, v2 = chaos_models.v1, chaos_models.v2
-    await activate(conn, *v1)
+    await activate_model(conn, *v1)
     worker = workers.start()
     await asyncio.to_thread(worker.wait_ready)
     async with StreamWriter(chaos_db.server, chaos_db.name, rows=10, pause=0.05) as writer:
         await _first_prediction(conn)
         await asyncio.to_thread(chaos_mlflow.stop)
         try:
-            await activate(conn, *v2)
+            await activate_model(conn, *v2)
             failed = await _wait_metric(worker, "sensor_model_load_failures_total",
                                         'reason="mlflow_unreachable"', lambda v: v >= 1, 30)
             assert failed is not None, worker.logs()[-3000:]
@@ -134,7 +136,7 @@ async def test_unknown_run_and_mismatched_features_keep_the_old_model(
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
     v1, v2 = chaos_models.v1, chaos_models.v2
-    await activate(conn, *v1)
+    await activate_model(conn, *v1)
     worker = workers.start()
     await asyncio.to_thread(worker.wait_ready)
     async with StreamWriter(chaos_db.server, chaos_db.name, rows=10, pause=0.05) as writer:
@@ -142,7 +144,7 @@ async def test_unknown_run_and_mismatched_features_keep_the_old_model(
         cases = [("0" * 32, 999, "not_found"), (*chaos_models.wrong_features, "feature_mismatch")]
         seen: list[str] = []
         for run_id, version, reason in cases:
-            await activate(conn, run_id, version)
+            await activate_model(conn, run_id, version)
             mark = writer.stats.max_id
             took = await _wait_metric(worker, "sensor_model_load_failures_total",
                                       f'reason="{reason}"', lambda v: v >= 1, 30)
@@ -152,7 +154,7 @@ async def test_unknown_run_and_mismatched_features_keep_the_old_model(
             assert await _versions_of_readings_after(conn, mark) == {str(v1[1])}
             assert await _metric(worker, "sensor_model_version") == float(v1[1])
         # A later good activation goes through.
-        await activate(conn, *v2)
+        await activate_model(conn, *v2)
         swapped = await _wait_metric(worker, "sensor_model_version", "",
                                      lambda v: v == float(v2[1]), 30)
         assert swapped is not None, worker.logs()[-3000:]

@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
+from sensor_predictor.training import activate_model
 from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
@@ -27,7 +28,7 @@ from tests.support.chaos import (
 )
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
@@ -95,7 +96,7 @@ async def test_a_write_transaction_open_for_60_s_in_another_database(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     worker = workers.start()
     await asyncio.to_thread(worker.wait_ready)
     async with _other_database(chaos_db.server) as other:
@@ -131,7 +132,7 @@ async def test_open_writers_and_idle_sessions_in_our_database(
     normal latency meanwhile, its own readings within 1 s of its commit. Beside it, a session
     idle in transaction after a read (a snapshot held) and one after a write elsewhere."""
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     worker = workers.start(HEARTBEAT_SECONDS="1")
     await asyncio.to_thread(worker.wait_ready)
     slow, idle_read, idle_write = [await chaos_db.connect() for _ in range(3)]
@@ -197,7 +198,7 @@ async def test_a_prepared_transaction_left_for_30_s(
     machine: a transaction that inserts readings cannot be prepared, because the readings
     trigger notifies, and PostgreSQL refuses PREPARE after NOTIFY.)"""
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     worker = workers.start()
     await asyncio.to_thread(worker.wait_ready)
     gid = f"sp-{uuid.uuid4().hex[:8]}"

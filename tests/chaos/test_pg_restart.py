@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from sensor_predictor.devtools.postgres import pg_ctl
+from sensor_predictor.training import activate_model
 from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
@@ -23,7 +24,7 @@ from tests.support.chaos import (
 )
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -59,7 +60,7 @@ async def test_postgres_restart_mid_stream_worker_catches_up_without_restart(
         chaos_db: Database, chaos_models: Models, workers: Workers, report: Any) -> None:
     server = chaos_db.server
     conn = await chaos_db.connect()
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     await conn.close()
     # The fallback poll is 5 minutes away: only reconnecting and listening again can explain a
     # quick catch-up.
@@ -158,7 +159,7 @@ async def test_an_immediate_shutdown_mid_stream_loses_and_doubles_nothing(
     written yet are gone) must then lose a claim only together with its results."""
     server = chaos_db.server
     conn = await chaos_db.connect()
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     await conn.close()
     # Small batches: many claims a second, so that each crash lands among claims in flight.
     worker = workers.start(PREDICTION_BATCH_SIZE="20", INFERENCE_INTERVAL_SECONDS="300")

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sensor_predictor.training import activate_model
 from tests.support.chaos import (
     GOOD_ROWS,
     INSERT,
@@ -22,7 +23,7 @@ from tests.support.chaos import (
 )
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.chaos]
 
@@ -119,7 +120,7 @@ async def test_concurrent_writers_committing_out_of_id_order_in_bulk(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     ws = [workers.start(PREDICTION_BATCH_SIZE="200") for _ in range(2)]
     for w in ws:
         await asyncio.to_thread(w.wait_ready)
@@ -157,7 +158,7 @@ async def test_four_workers_on_one_database(
     """Four workers, all ready (model loaded), while a stream goes on; then a 60,000-row bulk
     load commits at once (one transaction, COPY): they drain it together."""
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     ws = [workers.start(PREDICTION_BATCH_SIZE="500") for _ in range(4)]
     for w in ws:
         await asyncio.to_thread(w.wait_ready)

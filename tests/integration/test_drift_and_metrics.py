@@ -13,8 +13,9 @@ import pytest
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.simulator import Simulator
+from sensor_predictor.training import activate_model
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings
 from tests.support.waiting import wait_for
 
@@ -42,7 +43,7 @@ async def _drift_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 async def test_a_shift_opens_exactly_one_drift_event_within_one_window_and_it_closes(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     run_id, version = models.v1
-    await activate(conn, run_id, version)
+    await activate_model(conn, run_id, version)
     worker = worker_factory(DRIFT_DETECTION_WINDOW=str(WINDOW), DRIFT_THRESHOLD="0.1").start()
     await worker.until_ready()
     normal = Simulator(machines=10, seed=11)
@@ -87,7 +88,7 @@ async def _async(value: object) -> object:
 
 async def test_a_restart_mid_excursion_does_not_report_it_twice(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory(DRIFT_DETECTION_WINDOW=str(WINDOW)).start()
     await worker.until_ready()
     await _feed(conn, Simulator(10, seed=3, drift=True), 200, step=50)
@@ -130,7 +131,7 @@ def _promtool_check(body: str) -> None:
 
 async def test_the_metrics_endpoint_over_http(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker: WorkerProcess = worker_factory().start()
     await worker.until_ready()
     await insert_readings(conn, [r.values for r in Simulator(10, seed=5).next_batch(50)])

@@ -35,10 +35,11 @@ from sensor_predictor.legacy_model import build_legacy_model
 from sensor_predictor.model_contract import FEATURE_NAMES, legacy_feature_order
 from sensor_predictor.model_holder import ActiveRow, Bookkeeping, ModelLoadError, load_and_verify
 from sensor_predictor.simulator import generate_feature_matrix
+from sensor_predictor.training import activate_model
 from tests.support import ROOT
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings
 from tests.support.waiting import wait_for
 
@@ -202,7 +203,7 @@ async def test_the_worker_serves_an_old_trainer_model_with_the_old_predictors_id
 async def test_bookkeeping_that_disagrees_is_logged_and_the_model_served(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     run_id, version = models.v1  # 4 clusters
-    await activate(conn, run_id, version, n_clusters=3)
+    await activate_model(conn, run_id, version, n_clusters=3)
     await conn.execute("UPDATE clusters SET silhouette_score = 7,"
                        " cluster_profiles = '{\"0\": {\"x\": 1}}' WHERE is_active")
     worker = worker_factory().start()

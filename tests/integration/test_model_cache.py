@@ -10,8 +10,9 @@ import asyncpg
 import pytest
 
 from sensor_predictor.devtools.worker_process import WorkerProcess
+from sensor_predictor.training import activate_model
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings, reading
 from tests.support.waiting import wait_for
 
@@ -49,7 +50,7 @@ async def test_a_restart_serves_the_cached_model_without_importing_scikit_learn(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory,
         tmp_path: Path) -> None:
     run_id, version = models.v1
-    await activate(conn, run_id, version)
+    await activate_model(conn, run_id, version)
     values = [reading(i) for i in range(50)]
 
     cold = worker_factory()
@@ -82,7 +83,7 @@ async def test_a_restart_serves_the_cached_model_without_importing_scikit_learn(
 async def test_a_damaged_cache_entry_falls_back_to_mlflow_and_is_rewritten(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory,
         tmp_path: Path) -> None:
-    await activate(conn, *models.v2)
+    await activate_model(conn, *models.v2)
     first = worker_factory().start()
     await first.until_ready()
     assert first.stop() == 0
@@ -101,10 +102,10 @@ async def test_a_damaged_cache_entry_falls_back_to_mlflow_and_is_rewritten(
 async def test_a_model_the_cache_does_not_hold_is_fetched_and_then_cached(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory,
         tmp_path: Path) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
-    await activate(conn, *models.v2)
+    await activate_model(conn, *models.v2)
     assert await wait_for(lambda: _async(worker.ready()["model_version"]  # type: ignore[index]
                                          == str(models.v2[1])), timeout=30)
     # A rollback (the old row active again): served from the cache.

@@ -18,8 +18,9 @@ from sensor_predictor.devtools.prometheus_text import value as series_value
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.simulator import Simulator
+from sensor_predictor.training import activate_model
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate, log_retrain
+from tests.support.models import Models, log_retrain
 from tests.support.readings import insert_readings
 from tests.support.waiting import wait_until
 
@@ -62,7 +63,7 @@ async def test_a_candidate_is_scored_in_the_shadow_with_its_agreement_then_promo
         worker_factory: WorkerFactory) -> None:
     active_run, active_version = models.v1
     cand_run, cand_version = retrain
-    await activate(conn, active_run, active_version)
+    await activate_model(conn, active_run, active_version)
     worker = worker_factory(DRIFT_DETECTION_WINDOW=str(WINDOW)).start()
     await worker.until_ready()
     await _mark_candidate(conn, cand_run, cand_version)
@@ -127,7 +128,7 @@ async def test_a_candidate_is_scored_in_the_shadow_with_its_agreement_then_promo
 
     # Promotion is an ordinary activation: the candidate serves, its shadow scoring stops, its
     # history stays.
-    await activate(conn, cand_run, cand_version)
+    await activate_model(conn, cand_run, cand_version)
 
     async def promoted() -> bool:
         s = await worker.ascrape()
@@ -160,7 +161,7 @@ async def _served_version(worker: WorkerProcess, version: int) -> bool:
 
 async def test_a_candidate_that_cannot_load_is_logged_and_counted_and_scoring_goes_on(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
     await _mark_candidate(conn, "0" * 32, 99)  # a run MLflow does not have
@@ -201,7 +202,7 @@ async def test_a_shadow_write_that_fails_is_counted_and_the_active_predictions_g
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     """The shadow table gone mid-stream (an operator's mistake): every reading is still
     predicted exactly once by the active model."""
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
     await _mark_candidate(conn, *models.v2)

@@ -18,9 +18,10 @@ from sensor_predictor.devtools.mlflow_server import mlflow_env
 from sensor_predictor.devtools.postgres import PgServer
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.simulator import Simulator
+from sensor_predictor.training import activate_model
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate, log_retrain
+from tests.support.models import Models, log_retrain
 from tests.support.readings import insert_readings
 from tests.support.waiting import wait_for
 
@@ -71,7 +72,7 @@ async def test_a_retrain_swapped_in_mid_stream_keeps_every_cluster_id_and_counte
         retrain: tuple[str, int], worker_factory: WorkerFactory) -> None:
     old_run, old_version = models.v1
     new_run, new_version = retrain
-    await activate(conn, old_run, old_version)
+    await activate_model(conn, old_run, old_version)
     worker = worker_factory().start()
     await worker.until_ready()
     sim = Simulator(machines=10, seed=21)
@@ -79,7 +80,7 @@ async def test_a_retrain_swapped_in_mid_stream_keeps_every_cluster_id_and_counte
     before = _by_cluster(worker.get("/metrics")[1])
     assert set(before) == {"0", "1", "2", "3"} and sum(before.values()) == 2000
 
-    await activate(conn, new_run, new_version)  # mid-stream: the worker keeps running
+    await activate_model(conn, new_run, new_version)  # mid-stream: the worker keeps running
     assert await wait_for(lambda: _served(worker, new_version), timeout=30)
     after_ids = await _feed(conn, sim, 2000)
     after = _by_cluster(worker.get("/metrics")[1])

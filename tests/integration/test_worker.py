@@ -13,9 +13,10 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.devtools.tally import tally
+from sensor_predictor.training import activate_model
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings, reading
 from tests.support.waiting import wait_for
 
@@ -38,7 +39,7 @@ async def _all_scored(conn: asyncpg.Connection) -> bool:
 async def test_notification_scores_within_milliseconds(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
     run_id, version = models.v1
-    await activate(conn, run_id, version)
+    await activate_model(conn, run_id, version)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="30").start()
     await worker.until_ready()
 
@@ -64,7 +65,7 @@ async def test_notification_scores_within_milliseconds(
 
 async def test_poll_catches_what_no_notification_announced(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="1").start()
     await worker.until_ready()
     # A writer whose notification never arrives (here: the trigger is off).
@@ -84,7 +85,7 @@ async def test_readings_wait_for_a_model_then_score_on_activation(
     await asyncio.sleep(1.0)
     assert await _predicted(conn) == 0
 
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     assert await wait_for(lambda: _all_scored(conn), timeout=20)
     await worker.until_ready(5)
     assert (await tally(conn)).exactly_once
@@ -93,7 +94,7 @@ async def test_readings_wait_for_a_model_then_score_on_activation(
 async def test_out_of_order_commits_lose_nothing(
         database: Database, conn: asyncpg.Connection, models: Models,
         worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
     machine = await conn.fetchval("INSERT INTO machines (machine_id) VALUES ('m') RETURNING id")
@@ -150,7 +151,7 @@ async def _stream(database: Database, stop: asyncio.Event, rows_per_statement: i
 async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
         database: Database, conn: asyncpg.Connection, models: Models,
         worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     # CLAIM_ORPHAN_SECONDS stays at its default (60 s): a killed worker's claims are taken over
     # because its session ended, not because they are old.
     env = {"PREDICTION_BATCH_SIZE": "50"}
@@ -185,7 +186,7 @@ async def test_sigkill_at_random_moments_loses_and_doubles_nothing(
 @pytest.mark.timeout(300)
 async def test_two_workers_share_the_stream_without_doubles(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     workers = [worker_factory(PREDICTION_BATCH_SIZE="100").start() for _ in range(2)]
     for w in workers:
         await w.until_ready()
@@ -202,14 +203,14 @@ async def test_two_workers_share_the_stream_without_doubles(
 async def test_hot_swap_mid_stream_by_plain_sql(
         database: Database, conn: asyncpg.Connection, models: Models,
         worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
     stop = asyncio.Event()
     writer = asyncio.create_task(_stream(database, stop))
     await asyncio.sleep(1.0)
     # Deploying a model is one row: any client can do it.
-    await activate(conn, *models.v2)
+    await activate_model(conn, *models.v2)
     swapped_at = await conn.fetchval("SELECT clock_timestamp()")
     await asyncio.sleep(1.5)
     stop.set()
@@ -237,16 +238,16 @@ async def test_hot_swap_mid_stream_by_plain_sql(
 
 async def test_failed_swaps_keep_the_old_model_serving(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
     await insert_readings(conn, [reading(i) for i in range(10)])
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
 
     # A model whose features no reading carries, then a run MLflow never heard of.
-    await activate(conn, *models.wrong_features)
+    await activate_model(conn, *models.wrong_features)
     assert await wait_for(lambda: _failures(worker, "feature_mismatch"), timeout=20)
-    await activate(conn, "0" * 32, 999)
+    await activate_model(conn, "0" * 32, 999)
     assert await wait_for(lambda: _failures(worker, "not_found"), timeout=20)
 
     await insert_readings(conn, [reading(100 + i) for i in range(10)])
@@ -260,7 +261,7 @@ async def test_failed_swaps_keep_the_old_model_serving(
     assert all(e["serving"] == str(models.v1[1]) for e in failures)
 
     # A later good activation goes through.
-    await activate(conn, *models.v2)
+    await activate_model(conn, *models.v2)
     assert await wait_for(
         lambda: _async(worker.metric("sensor_model_version") == float(models.v2[1])), timeout=20)
 
@@ -297,7 +298,7 @@ BAD_READINGS: list[tuple[str, object, str]] = [
 
 async def test_bad_readings_are_recorded_and_the_rest_scored(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory().start()
     await worker.until_ready()
     good = [reading(100), reading(101, extra_key="ignored")]
@@ -325,7 +326,7 @@ async def test_bad_readings_are_recorded_and_the_rest_scored(
 async def test_sigterm_commits_in_flight_work_and_exits_zero(
         database: Database, conn: asyncpg.Connection, models: Models,
         worker_factory: WorkerFactory) -> None:
-    await activate(conn, *models.v1)
+    await activate_model(conn, *models.v1)
     worker = worker_factory(PREDICTION_BATCH_SIZE="500").start()
     await worker.until_ready()
     for chunk in range(20):
@@ -352,7 +353,7 @@ async def test_sigterm_commits_in_flight_work_and_exits_zero(
 async def test_a_model_served_by_an_mlflow_server_over_http(
         database: Database, conn: asyncpg.Connection, served_models: Models,
         worker_factory: WorkerFactory) -> None:
-    await activate(conn, *served_models.v1)
+    await activate_model(conn, *served_models.v1)
     worker = worker_factory(MLFLOW_TRACKING_URI=served_models.store.uri).start()
     await worker.until_ready()
     await insert_readings(conn, [reading(i) for i in range(10)])

@@ -19,9 +19,10 @@ import pytest
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer
 from sensor_predictor.devtools.postgres import free_port
+from sensor_predictor.training import activate_model
 from tests.support.chaos_fixtures import LoginRole
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings, reading
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.security]
@@ -85,7 +86,7 @@ async def test_no_password_in_any_output_of_run_migrate_and_train(
         chaos_mlflow: MlflowServer, login_role: LoginRole, tmp_path: Path,
         report: Any) -> None:
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     await insert_readings(conn, [reading(i) for i in range(20)])
     wrong = f"Wrong-{uuid.uuid4().hex}-p@ss:w/rd"
     tokens = [login_role.password.split("-")[1], wrong.split("-")[1]]
@@ -156,7 +157,7 @@ async def test_no_credentials_of_the_mlflow_tracking_uri_in_the_logs(
         chaos_mlflow: MlflowServer, tmp_path: Path) -> None:
     """MLflow takes basic-auth credentials in the tracking URI (http://user:password@host):
     such a URI is as secret as a DSN with a password. Reachable, and not."""
-    await activate(chaos_conn, *chaos_models.v1)
+    await activate_model(chaos_conn, *chaos_models.v1)
     token = uuid.uuid4().hex
     host_port = chaos_mlflow.uri.removeprefix("http://")
     runs = {}

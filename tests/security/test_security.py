@@ -10,10 +10,11 @@ import asyncpg
 import pytest
 
 from sensor_predictor import db
+from sensor_predictor.training import activate_model
 from tests.support.chaos import check_invariant, served, wait_settled
 from tests.support.chaos_fixtures import WORKER_ROLE, LoginRole, Workers
 from tests.support.databases import Database
-from tests.support.models import Models, activate
+from tests.support.models import Models
 from tests.support.readings import insert_readings, reading
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.security]
@@ -133,9 +134,7 @@ async def test_a_login_role_with_the_worker_role_scores_and_can_do_nothing_else(
         workers: Workers, login_role: LoginRole, report: Any) -> None:
     conn = chaos_conn
     run_id, version = chaos_models.v1
-    await activate(conn, run_id, version)
-    await conn.execute("INSERT INTO versions (version, run_id) VALUES ($1, $2)",
-                       str(version), run_id)
+    await activate_model(conn, run_id, version)  # with its versions notice, for the worker to mark
     as_role = {"POSTGRES_USER": login_role.name, "POSTGRES_PASSWORD": "",
                "POSTGRES_PASSWORD_FILE": str(login_role.password_file),
                # A small window, a low threshold and no significance rule: drift rows get
@@ -221,7 +220,7 @@ async def test_the_worker_role_without_no_migrate_fails_fast_and_changes_nothing
     """Started as the least-privileged role *with* its default migrate-on-start, the worker
     cannot run the migration (no DDL): it must stop at once and say why, not score."""
     conn = chaos_conn
-    await activate(conn, *chaos_models.v1)
+    await activate_model(conn, *chaos_models.v1)
     await insert_readings(conn, [reading(i) for i in range(5)])
     ledger = await conn.fetch("SELECT * FROM schema_migrations ORDER BY version")
     worker = workers.start(POSTGRES_USER=login_role.name, POSTGRES_PASSWORD="",

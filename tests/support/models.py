@@ -1,4 +1,8 @@
-"""Models trained once per session by the product's own trainer, and their activation."""
+"""Models trained once per session by the product's own trainer.
+
+They are activated by the product's activation too: sensor_predictor.training.activate_model
+(its advisory lock, the deactivation, the clusters upsert and the versions notice).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,6 @@ import asyncio
 import os
 import uuid
 from dataclasses import dataclass
-
-import asyncpg
 
 from sensor_predictor.config import load_settings
 from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
@@ -24,29 +26,36 @@ class Models:
     wrong_features: tuple[str, int]
 
 
-def log_models(pg_server: PgServer, store: MlflowServer) -> Models:
-    """Train through the product's own trainer (generated readings: the scratch DB is empty)."""
+async def _fit(pg_server: PgServer, store: MlflowServer,
+               fits: list[tuple[int, int]]) -> list[tuple[str, int]]:
+    """Train through the product's own trainer in a scratch database (empty, so on generated
+    readings: 5,000 keep the fit quick), one model per (clusters, seed); (run id, version)."""
     from sensor_predictor.migrate import migrate
     from sensor_predictor.training import train
-    from tests.model_factory import log_model_with_features
 
     scratch = f"sp_models_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    await create_database(pg_server, scratch)
+    c = await pg_server.connect(scratch)
+    await migrate(c)
+    await c.close()
+    settings = load_settings({**pg_server.env(scratch), **mlflow_env(store.uri)})
+    try:
+        results = [await train(settings, clusters=clusters, readings=5_000, activate=False,
+                               seed=seed) for clusters, seed in fits]
+    finally:
+        await drop_database(pg_server, scratch)
+    return [(r.run_id, int(r.version)) for r in results]
+
+
+def log_models(pg_server: PgServer, store: MlflowServer) -> Models:
+    """Two good models (4 and 3 clusters) and one whose features match no reading."""
+    from tests.model_factory import log_model_with_features
 
     async def go() -> Models:
-        await create_database(pg_server, scratch)
-        c = await pg_server.connect(scratch)
-        await migrate(c)
-        await c.close()
-        settings = load_settings({**pg_server.env(scratch), **mlflow_env(store.uri)})
-        try:
-            # 5,000 generated readings keep the fit quick.
-            one = await train(settings, clusters=4, readings=5_000, activate=False, seed=1)
-            two = await train(settings, clusters=3, readings=5_000, activate=False, seed=2)
-        finally:
-            await drop_database(pg_server, scratch)
+        one, two = await _fit(pg_server, store, [(4, 1), (3, 2)])
         bad = await asyncio.to_thread(
             log_model_with_features, store.uri, [f"Temperature {i}" for i in range(1, 21)])
-        return Models(store, (one.run_id, int(one.version)), (two.run_id, int(two.version)), bad)
+        return Models(store, one, two, bad)
 
     return asyncio.run(go())
 
@@ -54,33 +63,4 @@ def log_models(pg_server: PgServer, store: MlflowServer) -> Models:
 def log_retrain(pg_server: PgServer, store: MlflowServer, seed: int = 2) -> tuple[str, int]:
     """The hourly retrain: the same trainer, 4 clusters again, another sample and seed. KMeans
     numbers its clusters differently this time (test_stable_cluster_ids checks it does)."""
-    from sensor_predictor.migrate import migrate
-    from sensor_predictor.training import train
-
-    scratch = f"sp_retrain_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
-    async def go() -> tuple[str, int]:
-        await create_database(pg_server, scratch)
-        c = await pg_server.connect(scratch)
-        await migrate(c)
-        await c.close()
-        settings = load_settings({**pg_server.env(scratch), **mlflow_env(store.uri)})
-        try:
-            result = await train(settings, clusters=4, readings=5_000, activate=False,
-                                 seed=seed)
-        finally:
-            await drop_database(pg_server, scratch)
-        return result.run_id, int(result.version)
-
-    return asyncio.run(go())
-
-
-async def activate(conn: asyncpg.Connection, run_id: str, version: int | None,
-                   n_clusters: int | None = None) -> int:
-    """What any client does to deploy a model: one SQL transaction."""
-    async with conn.transaction():
-        await conn.execute("UPDATE clusters SET is_active = false WHERE is_active")
-        row_id: int = await conn.fetchval(
-            "INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters)"
-            " VALUES ($1, $2, true, $3) RETURNING id", run_id, version, n_clusters)
-    return row_id
+    return asyncio.run(_fit(pg_server, store, [(4, seed)]))[0]

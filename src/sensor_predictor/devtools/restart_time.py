@@ -69,7 +69,7 @@ async def _measure(runs: int, readings: int, keep: bool = False) -> dict[str, An
         for i in range(runs * 2 + 1):
             kind = "cold" if i % 2 == 0 else "warm"
             cache = work / f"cold-{i}" if kind == "cold" else warm_cache
-            mark = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
+            mark = await conn.fetchval(db.queries()["last_reading_id"])
             values = [json.dumps({n: (j % 7) / 10 for n in FEATURE_NAMES})
                       for j in range(readings)]
             await conn.execute(

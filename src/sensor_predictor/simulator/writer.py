@@ -161,16 +161,12 @@ class _Writer:
 
     async def register_machines(self, prefix: str) -> None:
         names = [machine_name(prefix, i) for i in range(self.sim.machines)]
-        rows = await self.conn.fetch(
-            "INSERT INTO machines (machine_id) SELECT unnest($1::text[])"
-            " ON CONFLICT (machine_id) DO UPDATE SET last_seen = now()"
-            " RETURNING id, machine_id", names)
+        rows = await self.conn.fetch(db.queries()["sim_register_machines"], names)
         by_name = {r["machine_id"]: int(r["id"]) for r in rows}
         self.machine_ids = [by_name[name] for name in names]
 
     async def touch_machines(self) -> None:
-        await self.conn.execute(
-            "UPDATE machines SET last_seen = now() WHERE id = ANY($1::bigint[])", self.machine_ids)
+        await self.conn.execute(db.queries()["sim_touch_machines"], self.machine_ids)
 
     async def write(self, stamps: list[datetime]) -> None:
         block = self.sim.next_block(len(stamps))
@@ -188,9 +184,7 @@ class _Writer:
                     continue
                 if episode not in self._failure_ids:
                     self._failure_ids[episode] = await self.conn.fetchval(
-                        "INSERT INTO failures (start_time, is_active, machine_id)"
-                        " VALUES ($1, true, $2) RETURNING id",
-                        stamps[i], self.machine_ids[machine])
+                        db.queries()["sim_open_failure"], stamps[i], self.machine_ids[machine])
                     self._open[machine] = episode
                     self.episodes_seen += 1
                 failure_ids[i] = self._failure_ids[episode]
@@ -206,17 +200,13 @@ class _Writer:
                         f"{'NULL' if failure_id is None else failure_id})")
         # A plain multi-row INSERT, as the old system's writers send.
         await self.conn.execute(
-            'INSERT INTO readings ("timestamp", "values", machine_id, failure_id) VALUES '
-            + ", ".join(rows))
+            db.queries()["sim_insert_readings"].replace("{rows}", ", ".join(rows)))
         if closing:
             await self._close_failures(closing)
 
     async def _close_failures(self, closing: list[tuple[int, datetime]]) -> None:
-        await self.conn.execute(
-            "UPDATE failures AS f SET end_time = c.end_time, is_active = false"
-            " FROM unnest($1::bigint[], $2::timestamptz[]) AS c(id, end_time)"
-            " WHERE f.id = c.id",
-            [c[0] for c in closing], [c[1] for c in closing])
+        await self.conn.execute(db.queries()["sim_close_failures"],
+                                [c[0] for c in closing], [c[1] for c in closing])
 
     async def finish(self) -> None:
         """Close the failures still open (the simulation stops, so do they) and touch machines."""

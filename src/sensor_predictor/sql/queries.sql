@@ -330,3 +330,104 @@ DROP INDEX CONCURRENTLY IF EXISTS {index};
 
 -- name: migration_record
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
+
+-- ---------------------------------------------------------------------------------------
+-- Statements of cluster_registry, the simulator's writer and training
+
+-- name: cluster_reference_named
+-- The alignment reference asked for by name (the model served at this moment).
+SELECT model_version, feature_names, spread FROM cluster_models WHERE model_version = $1;
+
+-- name: cluster_reference_last_served
+-- Else the reference is the model served last (never served: aligned last), other than $1.
+SELECT model_version, feature_names, spread FROM cluster_models
+ WHERE model_version <> $1
+ ORDER BY served_at DESC NULLS LAST, aligned_at DESC
+ LIMIT 1;
+
+-- name: cluster_reference_centroids
+SELECT label, stable_id, centroid FROM cluster_ids WHERE model_version = $1 ORDER BY label;
+
+-- name: cluster_align_lock
+-- Serialises alignments (transaction-level, key ALIGN_LOCK): two replicas aligning at once
+-- agree on one mapping and never give a fresh stable id twice.
+SELECT pg_advisory_xact_lock($1, $2);
+
+-- name: cluster_next_stable_id
+-- The first stable id never given (0 on an empty table).
+SELECT COALESCE(max(stable_id) + 1, 0) FROM cluster_ids;
+
+-- name: cluster_model_insert
+INSERT INTO cluster_models (model_version, mlflow_run_id, feature_names, spread, aligned_against)
+VALUES ($1, $2, $3, $4, $5);
+
+-- name: cluster_id_insert
+-- One row per model label (executemany): its stable id, centroid and distance to the match.
+INSERT INTO cluster_ids (model_version, label, stable_id, centroid, distance)
+VALUES ($1, $2, $3, $4, $5);
+
+-- name: cluster_stored_mapping
+-- A model version's label -> stable id mapping, if it has been aligned.
+SELECT label, stable_id FROM cluster_ids WHERE model_version = $1 ORDER BY label;
+
+-- name: cluster_mark_served
+-- The model is now the one served: the reference for the next model to be aligned.
+UPDATE cluster_models SET served_at = now() WHERE model_version = $1;
+
+-- name: cluster_models_all
+SELECT * FROM cluster_models ORDER BY aligned_at, model_version;
+
+-- name: cluster_ids_all
+SELECT model_version, label, stable_id, distance FROM cluster_ids ORDER BY model_version, label;
+
+-- name: sim_register_machines
+-- The simulated machines, created or (already there) touched; their ids by machine_id.
+INSERT INTO machines (machine_id) SELECT unnest($1::text[])
+    ON CONFLICT (machine_id) DO UPDATE SET last_seen = now()
+RETURNING id, machine_id;
+
+-- name: sim_touch_machines
+UPDATE machines SET last_seen = now() WHERE id = ANY($1::bigint[]);
+
+-- name: sim_open_failure
+-- A failure episode's row, opened when its first reading is written.
+INSERT INTO failures (start_time, is_active, machine_id) VALUES ($1, true, $2) RETURNING id;
+
+-- name: sim_insert_readings
+-- A plain multi-row INSERT, as the old system's writers send: {rows} is filled with one
+-- literal ("timestamp", "values", machine_id, failure_id) tuple per reading, comma-separated.
+INSERT INTO readings ("timestamp", "values", machine_id, failure_id) VALUES {rows};
+
+-- name: sim_close_failures
+-- Failure episodes closed: $1 their ids, $2 the end time of each.
+UPDATE failures AS f SET end_time = c.end_time, is_active = false
+  FROM unnest($1::bigint[], $2::timestamptz[]) AS c(id, end_time)
+ WHERE f.id = c.id;
+
+-- name: training_readings
+-- The latest $1 readings' JSON text, newest first (parsed and checked in Python).
+SELECT id, "values"::text AS raw FROM readings ORDER BY id DESC LIMIT $1;
+
+-- name: activation_lock
+-- Serialises activations (transaction-level, key ACTIVATION_LOCK_KEY): two trainers
+-- activating at once still leave one active row.
+SELECT pg_advisory_xact_lock($1);
+
+-- name: deactivate_models
+UPDATE clusters SET is_active = false WHERE is_active;
+
+-- name: activate_clusters_row
+-- The run's clusters row made active, with its bookkeeping; a run that already has a row (a
+-- rollback) gets that row back, updated. $5 is the cluster profiles' JSON text.
+INSERT INTO clusters (mlflow_run_id, mlflow_model_version, is_active, n_clusters,
+                      silhouette_score, cluster_profiles)
+VALUES ($1, $2, true, $3, $4, $5::jsonb)
+ON CONFLICT (mlflow_run_id) DO UPDATE SET is_active = true,
+    mlflow_model_version = EXCLUDED.mlflow_model_version,
+    n_clusters = EXCLUDED.n_clusters, silhouette_score = EXCLUDED.silhouette_score,
+    cluster_profiles = EXCLUDED.cluster_profiles
+RETURNING id;
+
+-- name: add_version_notice
+-- The new-model notice the old trainer wrote (kept for the old system's tools).
+INSERT INTO versions (version, run_id) VALUES ($1, $2);
