@@ -349,6 +349,7 @@ async def test_sigterm_commits_in_flight_work_and_exits_zero(
     assert t.predicted > 0, t
 
 
+@pytest.mark.own_model_cache  # fetched over HTTP, not from a cache an earlier test filled
 async def test_a_model_served_by_an_mlflow_server_over_http(
         database: Database, conn: asyncpg.Connection, served_models: Models,
         worker_factory: WorkerFactory) -> None:
@@ -359,3 +360,5 @@ async def test_a_model_served_by_an_mlflow_server_over_http(
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
     assert await conn.fetchval(
         "SELECT count(*) FROM predictions WHERE mlflow_run_id = $1", served_models.v1[0]) == 10
+    assert [e["source"] for e in worker.events() if e.get("event") == "model_swapped"] == [
+        "mlflow"]

@@ -47,7 +47,9 @@ class WorkerProcess:
                "METRICS_HOST": "127.0.0.1", "LOG_FORMAT": "json"}
         env.setdefault("LOG_LEVEL", "info")
         # A model cache beside the log (workers of one test or one bench run share it), never
-        # the user's home: a test must not swap from another test's cache.
+        # the user's home. A caller may name one in MODEL_CACHE_DIR: the test suite shares one
+        # per run (an entry is keyed by tracking URI, run and version, and a run never
+        # changes), except for the tests of MLflow fetches and of the cache itself.
         env.setdefault("MODEL_CACHE_DIR", str(self.log_path.parent / "model-cache"))
         self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.started_at = time.monotonic()
