@@ -29,6 +29,11 @@ from sensor_predictor.devtools.postgres import PgServer, free_port
 
 STATUS_ROW = re.compile(r"^\s+\d+\.\ds\s+\d+\s+\d+\s", re.MULTILINE)
 
+# --duration of a whole run: the drift at 3 s is on record within a second (a window of 100
+# readings at 200/s), the retrained model is activated at 4.2 s and served before the end. A
+# run's set-up (PostgreSQL, the first model's training, MLflow's import) costs 7-10 s besides.
+FULL_RUN_SECONDS = 6
+
 
 def demo_env(**extra: str) -> dict[str, str]:
     """The test's environment without anything that names a PostgreSQL or forces a mode."""
@@ -56,7 +61,7 @@ def cwd(tmp_path: Path) -> Path:
     return folder
 
 
-def demo_cmd(workdir: Path, duration: float, rate: float = 200) -> list[str]:
+def demo_cmd(workdir: Path, duration: float = FULL_RUN_SECONDS, rate: float = 200) -> list[str]:
     return [sys.executable, "-m", "sensor_predictor.cli", "demo", "--duration", str(duration),
             "--rate", str(rate), "--workdir", str(workdir)]
 
@@ -142,7 +147,7 @@ def test_demo_on_a_throwaway_cluster(workdir: Path, cwd: Path) -> None:
     """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
     previous run's MLflow store in the work folder is replaced: the first model is v1."""
     (workdir / "mlflow.db").write_bytes(b"a previous run's store")
-    done = subprocess.run(demo_cmd(workdir, 10), env=demo_env(), cwd=cwd, capture_output=True,
+    done = subprocess.run(demo_cmd(workdir), env=demo_env(), cwd=cwd, capture_output=True,
                           text=True, timeout=280)
     out = done.stdout
     assert done.returncode == 0, f"{out}\n{done.stderr}"
@@ -234,7 +239,7 @@ def test_sigint_stops_everything_and_summarises(workdir: Path, cwd: Path, tmp_pa
                     reason="the `embedded` extra (pgserver) is not installed")
 def test_demo_on_the_embedded_server(workdir: Path, cwd: Path) -> None:
     """DEMO_POSTGRES=embedded: what a machine without PostgreSQL gets (pgserver)."""
-    done = subprocess.run(demo_cmd(workdir, 8), env=demo_env(DEMO_POSTGRES="embedded"),
+    done = subprocess.run(demo_cmd(workdir), env=demo_env(DEMO_POSTGRES="embedded"),
                           cwd=cwd, capture_output=True, text=True, timeout=280)
     out = done.stdout
     assert done.returncode == 0, f"{out}\n{done.stderr}"
@@ -251,7 +256,7 @@ def test_demo_on_the_server_named_by_the_environment(
 ) -> None:
     """POSTGRES_* set and answering: a scratch database there, dropped at the end."""
     env = demo_env(DEMO_POSTGRES="env", **pg_server.env("postgres"))
-    done = subprocess.run(demo_cmd(workdir, 6), env=env, cwd=cwd, capture_output=True,
+    done = subprocess.run(demo_cmd(workdir), env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=280)
     out = done.stdout
     assert done.returncode == 0, f"{out}\n{done.stderr}"
