@@ -13,6 +13,7 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.devtools.tally import tally
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
 from tests.support.models import Models, activate
@@ -67,12 +68,20 @@ async def test_poll_catches_what_no_notification_announced(
     await activate(conn, *models.v1)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="1").start()
     await worker.until_ready()
+    # The passes its start asked for (startup, model) are behind it once a poll has come: one
+    # of them, still pending, would score the readings below with no poll (a worker ready from
+    # its model cache in 0.2 s is still busy finishing its start).
+    assert await wait_for(lambda: _async(_wakeups(worker, "poll") >= 1), timeout=10)
     # A writer whose notification never arrives (here: the trigger is off).
     await conn.execute("ALTER TABLE readings DISABLE TRIGGER readings_notify")
     await insert_readings(conn, [reading(i) for i in range(5)])
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
-    assert (worker.metric("sensor_wakeups_total", 'cause="poll"') or 0) >= 1
-    assert (worker.metric("sensor_wakeups_total", 'cause="notification"') or 0) == 0
+    assert _wakeups(worker, "poll") >= 1
+    assert _wakeups(worker, "notification") == 0
+
+
+def _wakeups(worker: WorkerProcess, cause: str) -> float:
+    return worker.metric("sensor_wakeups_total", f'cause="{cause}"') or 0
 
 
 async def test_readings_wait_for_a_model_then_score_on_activation(
