@@ -15,7 +15,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env, start_mlflow_server
+from sensor_predictor.devtools.mlflow_server import (
+    MlflowServer,
+    launch_mlflow_server,
+    mlflow_env,
+)
 from sensor_predictor.devtools.postgres import PgServer, find_or_start, stop_cluster
 from sensor_predictor.devtools.worker_process import WorkerNotReady, WorkerProcess
 from tests.support.databases import Database, clone, create_template, drop
@@ -76,13 +80,33 @@ def models(pg_server: PgServer, template_db: str, mlflow_store: MlflowServer,
     return logged
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """One real `mlflow server` process for the run (as in compose.yaml), serving artifacts.
-    The chaos tier stops it and starts it again (chaos_mlflow); starting one costs 5-10 s."""
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+@pytest.fixture(scope="session", autouse=True)
+def _launched_mlflow_server(request: pytest.FixtureRequest,
+                            tmp_path_factory: pytest.TempPathFactory
+                            ) -> Iterator[MlflowServer | None]:
+    """The run's `mlflow server`, launched before the run's first test when a selected test
+    needs it: its start (5-10 s of importing MLflow) overlaps the tests before its first use."""
+    if not any("mlflow_server" in getattr(item, "fixturenames", ())
+               for item in request.session.items):
+        yield None
+        return
+    server = launch_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_launched_mlflow_server: MlflowServer | None,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real `mlflow server` process for the run (as in compose.yaml), serving artifacts.
+    The chaos tier stops it and starts it again (chaos_mlflow)."""
+    server = _launched_mlflow_server or launch_mlflow_server(
+        tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server.wait_healthy()
+    finally:
+        if server is not _launched_mlflow_server:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
