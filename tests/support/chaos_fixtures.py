@@ -32,7 +32,7 @@ from sensor_predictor.devtools.postgres import (
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from tests.support.chaos import REPORT
 from tests.support.databases import Database, clone, create_template, drop
-from tests.support.fixtures import TEST_CLUSTER_SETTINGS, model_cache_env
+from tests.support.fixtures import TEST_CLUSTER_SETTINGS, model_cache_env, stop_workers
 from tests.support.models import Models
 
 WORKER_ROLE = "sensor_predictor_worker"
@@ -167,9 +167,8 @@ class Workers:
         return self.make(**env).start(*args)
 
     def stop_all(self) -> None:
-        for w in self.started:
-            with contextlib.suppress(Exception):
-                w.stop()
+        with contextlib.suppress(Exception):
+            stop_workers(self.started)
 
 
 @pytest.fixture

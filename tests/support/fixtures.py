@@ -120,6 +120,27 @@ def served_models(pg_server: PgServer, template_db: str, mlflow_server: MlflowSe
 
 WorkerFactory = Callable[..., WorkerProcess]
 
+# Workers a test is done with, still in their interpreter's exit: reaped at the end of the run.
+_EXITING: list[WorkerProcess] = []
+
+
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    """A test's teardown: SIGTERM to all at once, then wait until each has stopped its work
+    (its results committed, its connections closed), not for the interpreter's exit after it
+    (about a second once MLflow is imported); that one ends beside the next test."""
+    for w in workers:
+        w.request_stop()
+    for w in workers:
+        w.wait_stopped()
+    _EXITING.extend(workers)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_workers() -> Iterator[None]:
+    yield
+    for w in _EXITING:
+        w.stop()
+
 # A test whose workers must fetch their models from MLflow (a fetch, an MLflow failure, the
 # model cache itself) marks itself so: its workers get a cache of the test's own, empty at the
 # start (beside their logs, WorkerProcess's default). Registered in tests/conftest.py.
@@ -195,5 +216,4 @@ def worker_factory(database: Database, mlflow_store: MlflowServer, tmp_path: Pat
         return w
 
     yield make
-    for w in started:
-        w.stop()
+    stop_workers(started)
