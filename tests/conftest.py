@@ -18,6 +18,12 @@ SLOW_FIXTURES = frozenset({
 })
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "own_model_cache: the test's workers get a model cache of their own, empty"
+        " at the start (tests of MLflow fetches and of the cache); others share the run's")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -29,6 +29,13 @@ from sensor_predictor.devtools.postgres import PgServer, free_port
 
 STATUS_ROW = re.compile(r"^\s+\d+\.\ds\s+\d+\s+\d+\s", re.MULTILINE)
 
+# --duration of a whole run: the drift at 0.5 D is on record within a second (a window of 100
+# readings at 200/s), the retrained model is activated at 0.7 D and must be served before D to
+# predict anything. With the four runs side by side on 2 cores a run's timeline slips by a
+# second or two (6 s failed once: v2 served at 6.1 s, nothing left for it to score), so 10 s.
+# A run's set-up (PostgreSQL, the first model's training, MLflow's import) costs 7-10 s more.
+FULL_RUN_SECONDS = 10
+
 
 def demo_env(**extra: str) -> dict[str, str]:
     """The test's environment without anything that names a PostgreSQL or forces a mode."""
@@ -38,25 +45,22 @@ def demo_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
+def new_workdir() -> Path:
     """Under the temp dir, not pytest's tmp_path: as root the demo runs PostgreSQL as the
     `postgres` account, which must reach the work folder (pytest's base folder is 0700)."""
     path = Path(tempfile.mkdtemp(prefix="sp-demo-"))
     path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = new_workdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def cwd(tmp_path: Path) -> Path:
-    """An empty folder to run the demo in: nothing (./mlruns...) may land there."""
-    folder = tmp_path / "cwd"
-    folder.mkdir()
-    return folder
-
-
-def demo_cmd(workdir: Path, duration: float, rate: float = 200) -> list[str]:
+def demo_cmd(workdir: Path, duration: float = FULL_RUN_SECONDS, rate: float = 200) -> list[str]:
     return [sys.executable, "-m", "sensor_predictor.cli", "demo", "--duration", str(duration),
             "--rate", str(rate), "--workdir", str(workdir)]
 
@@ -145,31 +149,11 @@ def test_env_mode_without_postgres_variables_fails_fast(workdir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- whole runs
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_demo_on_a_throwaway_cluster(workdir: Path, cwd: Path) -> None:
-    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
-    previous run's MLflow store in the work folder is replaced: the first model is v1."""
-    (workdir / "mlflow.db").write_bytes(b"a previous run's store")
-    done = subprocess.run(demo_cmd(workdir, 10), env=demo_env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=280)
-    out = done.stdout
-    assert done.returncode == 0, f"{out}\n{done.stderr}"
-    assert "PostgreSQL: throwaway cluster" in out
-    assert "(the previous run's store was replaced)" in out
-    assert re.search(r"^model v1 trained on", out, re.MULTILINE), out
-    check_full_run(out)
-    assert "stopped and deleted the throwaway PostgreSQL" in out
-    # Logs go to the work folder, not over the progress; nothing is left behind or running.
-    assert done.stderr == ""
-    assert (workdir / "demo.log").stat().st_size > 0
-    assert (workdir / "mlflow.db").is_file()
-    assert any((workdir / "artifacts").rglob("MLmodel"))
-    assert not (workdir / "postgres").exists()
-    assert list(cwd.iterdir()) == []
-    assert not started_from(workdir)
+#
+# The four whole runs are independent processes (each its own work folder, PostgreSQL or scratch
+# database, MLflow store and metrics port), and most of a run is waiting for its stream: they
+# start together when the first of their tests begins, and each test then checks its own run
+# (the SIGINT run streams until its test interrupts it). About 30 s for the four, not 55.
 
 
 @dataclass
@@ -204,30 +188,145 @@ class Running:
             self._reader.join(timeout=10)
         return "\n".join(self.lines)
 
+    def close(self) -> None:
+        """Stop the process if it still runs, read to the end, close the pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@dataclass
+class DemoRun:
+    """One whole run in the background: its folders, its process, its stderr in a file."""
+
+    workdir: Path
+    cwd: Path
+    demo: Running
+    stderr_path: Path
+
+    def finish(self, timeout: float = 280) -> tuple[int, str, str]:
+        """Wait for the end of the run: exit code, stdout, stderr."""
+        try:
+            code = self.demo.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.demo.proc.kill()
+            raise
+        return code, self.demo.output(), self.stderr_path.read_text()
+
+
+# test name -> (the run's --duration, environment beyond demo_env; "env" runs get POSTGRES_*)
+WHOLE_RUNS: dict[str, tuple[float, dict[str, str]]] = {
+    "test_demo_on_a_throwaway_cluster": (FULL_RUN_SECONDS, {}),
+    "test_sigint_stops_everything_and_summarises": (600, {}),
+    "test_demo_on_the_embedded_server": (FULL_RUN_SECONDS, {"DEMO_POSTGRES": "embedded"}),
+    "test_demo_on_the_server_named_by_the_environment": (FULL_RUN_SECONDS,
+                                                         {"DEMO_POSTGRES": "env"}),
+}
+
+
+def _selected(item: pytest.Item) -> bool:
+    if item.name == "test_demo_on_the_embedded_server":
+        return importlib.util.find_spec("pgserver") is not None
+    return item.name in WHOLE_RUNS
+
+
+class DemoRuns:
+    """The whole runs of this module's selected tests, started together on first use."""
+
+    def __init__(self, pg_server: PgServer, tmp: Path) -> None:
+        self.pg_server, self.tmp = pg_server, tmp
+        self.runs: dict[str, DemoRun] = {}
+
+    def start(self, name: str) -> DemoRun:
+        duration, extra = WHOLE_RUNS[name]
+        workdir = new_workdir()
+        cwd = self.tmp / name / "cwd"  # empty: nothing (./mlruns ...) may land there
+        cwd.mkdir(parents=True)
+        if name == "test_demo_on_a_throwaway_cluster":
+            (workdir / "mlflow.db").write_bytes(b"a previous run's store")
+        if extra.get("DEMO_POSTGRES") == "env":
+            extra = {**extra, **self.pg_server.env("postgres")}
+        stderr_path = self.tmp / name / "stderr"
+        with open(stderr_path, "w") as stderr:  # the child keeps its own descriptor
+            proc = subprocess.Popen(demo_cmd(workdir, duration), env=demo_env(**extra),
+                                    cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        run = DemoRun(workdir, cwd, Running(proc), stderr_path)
+        self.runs[name] = run
+        return run
+
+    def get(self, request: pytest.FixtureRequest) -> DemoRun:
+        """The run of the requesting test; the first call starts every selected test's run."""
+        if not self.runs:
+            for item in request.session.items:
+                if item.module is request.module and _selected(item) \
+                        and item.name not in self.runs:
+                    self.start(item.name)
+        return self.runs.get(request.node.name) or self.start(request.node.name)
+
+    def stop(self) -> None:
+        for run in self.runs.values():
+            run.demo.close()
+            shutil.rmtree(run.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[DemoRuns]:
+    runs = DemoRuns(pg_server, tmp_path_factory.mktemp("demo-runs"))
+    yield runs
+    runs.stop()
+
+
+@pytest.fixture
+def demo_run(demo_runs: DemoRuns, request: pytest.FixtureRequest) -> DemoRun:
+    return demo_runs.get(request)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_sigint_stops_everything_and_summarises(workdir: Path, cwd: Path, tmp_path: Path
-                                                ) -> None:
-    with open(tmp_path / "stderr", "w") as stderr, subprocess.Popen(
-            demo_cmd(workdir, 600), env=demo_env(), cwd=cwd, stdout=subprocess.PIPE,
-            stderr=stderr, text=True) as proc:
-        demo = Running(proc)
-        try:
-            demo.wait_for_line(STATUS_ROW, timeout=240)
-            ours = started_from(workdir)
-            table = processes()
-            postmasters = [pid for pid in ours if f"{workdir}/postgres" in table[pid][1]]
-            assert postmasters, f"no postgres process runs from {workdir}: {table}"
-            started = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=60)
-            took = time.monotonic() - started
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        out = demo.output()
+def test_demo_on_a_throwaway_cluster(demo_run: DemoRun) -> None:
+    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
+    previous run's MLflow store in the work folder is replaced: the first model is v1."""
+    code, out, err = demo_run.finish()
+    workdir, cwd = demo_run.workdir, demo_run.cwd
+    assert code == 0, f"{out}\n{err}"
+    assert "PostgreSQL: throwaway cluster" in out
+    assert "(the previous run's store was replaced)" in out
+    assert re.search(r"^model v1 trained on", out, re.MULTILINE), out
+    check_full_run(out)
+    assert "stopped and deleted the throwaway PostgreSQL" in out
+    # Logs go to the work folder, not over the progress; nothing is left behind or running.
+    assert err == ""
+    assert (workdir / "demo.log").stat().st_size > 0
+    assert (workdir / "mlflow.db").is_file()
+    assert any((workdir / "artifacts").rglob("MLmodel"))
+    assert not (workdir / "postgres").exists()
+    assert list(cwd.iterdir()) == []
+    assert not started_from(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigint_stops_everything_and_summarises(demo_run: DemoRun) -> None:
+    demo, workdir, proc = demo_run.demo, demo_run.workdir, demo_run.demo.proc
+    try:
+        demo.wait_for_line(STATUS_ROW, timeout=240)
+        ours = started_from(workdir)
+        table = processes()
+        postmasters = [pid for pid in ours if f"{workdir}/postgres" in table[pid][1]]
+        assert postmasters, f"no postgres process runs from {workdir}: {table}"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = demo.output()
     assert code == 130, out
     assert took < 30, f"took {took:.1f} s to stop:\n{out}"
     assert "SIGINT: stopping" in out
@@ -243,29 +342,23 @@ def test_sigint_stops_everything_and_summarises(workdir: Path, cwd: Path, tmp_pa
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(importlib.util.find_spec("pgserver") is None,
                     reason="the `embedded` extra (pgserver) is not installed")
-def test_demo_on_the_embedded_server(workdir: Path, cwd: Path) -> None:
+def test_demo_on_the_embedded_server(demo_run: DemoRun) -> None:
     """DEMO_POSTGRES=embedded: what a machine without PostgreSQL gets (pgserver)."""
-    done = subprocess.run(demo_cmd(workdir, 8), env=demo_env(DEMO_POSTGRES="embedded"),
-                          cwd=cwd, capture_output=True, text=True, timeout=280)
-    out = done.stdout
-    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    code, out, err = demo_run.finish()
+    assert code == 0, f"{out}\n{err}"
     assert "embedded PostgreSQL (pgserver)" in out
     check_full_run(out)
-    assert not (workdir / "pgserver").exists()
-    assert not started_from(workdir)
+    assert not (demo_run.workdir / "pgserver").exists()
+    assert not started_from(demo_run.workdir)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_demo_on_the_server_named_by_the_environment(
-    pg_server: PgServer, workdir: Path, cwd: Path
-) -> None:
+def test_demo_on_the_server_named_by_the_environment(pg_server: PgServer, demo_run: DemoRun
+                                                     ) -> None:
     """POSTGRES_* set and answering: a scratch database there, dropped at the end."""
-    env = demo_env(DEMO_POSTGRES="env", **pg_server.env("postgres"))
-    done = subprocess.run(demo_cmd(workdir, 6), env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=280)
-    out = done.stdout
-    assert done.returncode == 0, f"{out}\n{done.stderr}"
+    code, out, err = demo_run.finish()
+    assert code == 0, f"{out}\n{err}"
     match = re.search(r"scratch database '(sensor_demo_[0-9a-f]{8})'", out)
     assert match, out
     check_full_run(out)

@@ -83,6 +83,7 @@ async def _scored_up_to(conn: asyncpg.Connection, mark: int, timeout: float = 20
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.own_model_cache  # v2 must come from MLflow: a cached v2 would need no MLflow
 async def test_mlflow_down_during_a_swap_old_model_serves_then_the_swap_goes_through(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         chaos_mlflow: MlflowServer, workers: Workers, report: Any) -> None:

@@ -221,17 +221,60 @@ async def test_bookkeeping_that_disagrees_is_logged_and_the_model_served(
 # ---------------------------------------------------------------------------- MLflow 2.21
 
 
-def _log_with_mlflow2(uri: str, episodes_file: Path, clusters: int, seed: int
-                      ) -> dict[str, Any]:
-    python = MLFLOW2_VENV / "bin" / "python"
-    done = subprocess.run(
-        [str(python), "-m", "sensor_predictor.devtools.legacy_trainer", "--tracking-uri", uri,
-         "--episodes", str(episodes_file), "--clusters", str(clusters), "--seed", str(seed)],
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True,
-        timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+MLFLOW2_TEST = "test_a_model_logged_by_an_mlflow_2_21_client_is_served"
+
+
+@dataclass
+class Mlflow2Logging:
+    """The MLflow 2.21 client's `legacy_trainer` run, a subprocess of the old stack's venv."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def result(self, timeout: float = 240) -> dict[str, Any]:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        assert code == 0, self.err.read_text()[-3000:]
+        result: dict[str, Any] = json.loads(self.out.read_text().strip().splitlines()[-1])
+        return result
+
+
+def _start_mlflow2_logging(uri: str, folder: Path, clusters: int, seed: int) -> Mlflow2Logging:
+    episodes = folder / "episodes.json"
+    episodes.write_text(json.dumps(episodes_from(generate_feature_matrix(3_000, seed=8))))
+    out, err = folder / "stdout", folder / "stderr"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:  # the child keeps its own
+        proc = subprocess.Popen(
+            [str(MLFLOW2_VENV / "bin" / "python"), "-m", "sensor_predictor.devtools.legacy_trainer",
+             "--tracking-uri", uri, "--episodes", str(episodes), "--clusters", str(clusters),
+             "--seed", str(seed)],
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=stdout, stderr=stderr)
+    return Mlflow2Logging(proc, out, err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow2_logging(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[Mlflow2Logging | None]:
+    """The old client logs its model (10-15 s of imports and logging here) while the module's
+    other tests run: started with the module when its test is selected, taken by its test."""
+    if not (MLFLOW2_VENV / ".complete").exists() or not any(
+            item.name == MLFLOW2_TEST and item.module is request.module
+            for item in request.session.items):
+        yield None
+        return
+    server: MlflowStore = request.getfixturevalue("mlflow_server")
+    logging = _start_mlflow2_logging(server.uri, tmp_path_factory.mktemp("mlflow2"), 4, 0)
+    try:
+        yield logging
+    finally:
+        if logging.proc.poll() is None:
+            logging.proc.kill()
+            logging.proc.wait()
 
 
 @pytest.mark.slow
@@ -240,10 +283,9 @@ def _log_with_mlflow2(uri: str, episodes_file: Path, clusters: int, seed: int
                     reason=f"no MLflow 2.21 client venv at {MLFLOW2_VENV} (.ci/run creates it)")
 async def test_a_model_logged_by_an_mlflow_2_21_client_is_served(
         conn: asyncpg.Connection, database: Database, mlflow_server: MlflowStore,
-        tmp_path: Path) -> None:
-    episodes = tmp_path / "episodes.json"
-    episodes.write_text(json.dumps(episodes_from(generate_feature_matrix(3_000, seed=8))))
-    logged = await asyncio.to_thread(_log_with_mlflow2, mlflow_server.uri, episodes, 4, 0)
+        mlflow2_logging: Mlflow2Logging | None, tmp_path: Path) -> None:
+    assert mlflow2_logging is not None
+    logged = await asyncio.to_thread(mlflow2_logging.result)
     assert logged["mlflow_version"] == "2.21.3"
     assert isinstance(logged["version"], int)
     legacy = Legacy(logged["run_id"], logged["version"], logged["profiles"], 4)

@@ -16,7 +16,8 @@ from tests.support.models import Models
 from tests.support.readings import insert_readings, reading
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.asyncio
+# Each test starts from an empty cache of its own (tmp_path/model-cache), not the run's.
+pytestmark = [pytest.mark.asyncio, pytest.mark.own_model_cache]
 
 
 async def _scored(conn: asyncpg.Connection, ids: list[int]) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.devtools.tally import tally
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.training import activate_model
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
@@ -68,12 +69,20 @@ async def test_poll_catches_what_no_notification_announced(
     await activate_model(conn, *models.v1)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="1").start()
     await worker.until_ready()
+    # The passes its start asked for (startup, model) are behind it once a poll has come: one
+    # of them, still pending, would score the readings below with no poll (a worker ready from
+    # its model cache in 0.2 s is still busy finishing its start).
+    assert await wait_for(lambda: _async(_wakeups(worker, "poll") >= 1), timeout=10)
     # A writer whose notification never arrives (here: the trigger is off).
     await conn.execute("ALTER TABLE readings DISABLE TRIGGER readings_notify")
     await insert_readings(conn, [reading(i) for i in range(5)])
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
-    assert (worker.metric("sensor_wakeups_total", 'cause="poll"') or 0) >= 1
-    assert (worker.metric("sensor_wakeups_total", 'cause="notification"') or 0) == 0
+    assert _wakeups(worker, "poll") >= 1
+    assert _wakeups(worker, "notification") == 0
+
+
+def _wakeups(worker: WorkerProcess, cause: str) -> float:
+    return worker.metric("sensor_wakeups_total", f'cause="{cause}"') or 0
 
 
 async def test_readings_wait_for_a_model_then_score_on_activation(
@@ -350,6 +359,7 @@ async def test_sigterm_commits_in_flight_work_and_exits_zero(
     assert t.predicted > 0, t
 
 
+@pytest.mark.own_model_cache  # fetched over HTTP, not from a cache an earlier test filled
 async def test_a_model_served_by_an_mlflow_server_over_http(
         database: Database, conn: asyncpg.Connection, served_models: Models,
         worker_factory: WorkerFactory) -> None:
@@ -360,3 +370,5 @@ async def test_a_model_served_by_an_mlflow_server_over_http(
     assert await wait_for(lambda: _all_scored(conn), timeout=5)
     assert await conn.fetchval(
         "SELECT count(*) FROM predictions WHERE mlflow_run_id = $1", served_models.v1[0]) == 10
+    assert [e["source"] for e in worker.events() if e.get("event") == "model_swapped"] == [
+        "mlflow"]

@@ -5,6 +5,7 @@ process, /metrics parsing, the tally) is the package's own `sensor_predictor.dev
 * `readings`: readings inserted as the old system's writers insert them.
 * `models`: models trained once per session, and their activation.
 * `waiting`: polling with a deadline.
+* `background`: a scenario run in a thread of its own, beside the tests after it.
 * `fixtures`: the fixtures of every tier (registered in tests/conftest.py).
 * `chaos`, `chaos_fixtures`: the throwaway cluster the chaos and security tiers own, a stream
   writer that survives outages, a freezable TCP proxy, the invariant every scenario ends on.

@@ -1,7 +1,8 @@
 """Fixtures of the tiers that own their PostgreSQL (tests/chaos, tests/security): one throwaway
 cluster for the run, never the shared server on :5432, which they stop, restart and cut; a
-migrated template cloned per test; LOGIN roles that give a password (scram); an `mlflow server`
-they may stop; its models; workers; and the chaos report printed at the end of the run.
+migrated template cloned per test; LOGIN roles that give a password (scram); the run's
+`mlflow server`, which they may stop; its models; workers; and the chaos report printed at
+the end of the run.
 Registered by tests/conftest.py (pytest_plugins), so both tiers share one cluster and server."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env, start_mlflow_server
+from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
 from sensor_predictor.devtools.postgres import (
     PgServer,
     pg_ctl,
@@ -31,8 +32,8 @@ from sensor_predictor.devtools.postgres import (
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from tests.support.chaos import REPORT
 from tests.support.databases import Database, clone, create_template, drop
-from tests.support.fixtures import TEST_CLUSTER_SETTINGS
-from tests.support.models import Models, log_models
+from tests.support.fixtures import TEST_CLUSTER_SETTINGS, model_cache_env, stop_workers
+from tests.support.models import Models
 
 WORKER_ROLE = "sensor_predictor_worker"
 
@@ -120,20 +121,21 @@ async def login_role(chaos_db: Database, tmp_path: Path) -> AsyncIterator[LoginR
 # -- MLflow --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def chaos_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real `mlflow server` the scenarios may stop and start again (same port, same store)."""
-    server = start_mlflow_server(tmp_path_factory.mktemp("chaos-mlflow"))
-    yield server
-    server.stop()
+@pytest.fixture
+def chaos_mlflow(mlflow_server: MlflowServer) -> Iterator[MlflowServer]:
+    """The run's real `mlflow server`, which a scenario may stop and start again (same port,
+    same store); started again after the test if it left it stopped."""
+    yield mlflow_server
+    if not mlflow_server.running:
+        mlflow_server.start()
 
 
 @pytest.fixture(scope="session")
-def chaos_models(chaos_pg: PgServer, chaos_template: str, chaos_mlflow: MlflowServer) -> Models:
-    """Trained by the product's trainer against a scratch database of the chaos cluster and
-    registered in the chaos MLflow server: v1 (4 clusters), v2 (3 clusters), and a model whose
-    features no reading carries."""
-    return log_models(chaos_pg, chaos_mlflow)
+def chaos_models(served_models: Models) -> Models:
+    """The session's models in the run's `mlflow server`, trained by the product's trainer:
+    v1 (4 clusters), v2 (3 clusters), and a model whose features no reading carries (v1 and
+    v2 already in the run's model cache)."""
+    return served_models
 
 
 # -- workers -------------------------------------------------------------------------------------
@@ -165,14 +167,16 @@ class Workers:
         return self.make(**env).start(*args)
 
     def stop_all(self) -> None:
-        for w in self.started:
-            with contextlib.suppress(Exception):
-                w.stop()
+        with contextlib.suppress(Exception):
+            stop_workers(self.started)
 
 
 @pytest.fixture
-def workers(chaos_db: Database, chaos_mlflow: MlflowServer, tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(chaos_db, chaos_mlflow, tmp_path)
+def workers(chaos_db: Database, chaos_mlflow: MlflowServer, tmp_path: Path,
+            request: pytest.FixtureRequest, shared_model_cache: Path) -> Iterator[Workers]:
+    """The run's model cache, as worker_factory's (own_model_cache: the test's own)."""
+    w = Workers(chaos_db, chaos_mlflow, tmp_path,
+                base=model_cache_env(request, shared_model_cache))
     yield w
     w.stop_all()
 

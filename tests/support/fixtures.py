@@ -1,10 +1,12 @@
 """The fixtures of every tier: one PostgreSQL for the run, a migrated template cloned per test,
-MLflow stores (sqlite in-process, and one real `mlflow server`), workers as subprocesses.
-Registered by tests/conftest.py (pytest_plugins)."""
+MLflow stores (sqlite in-process, and one real `mlflow server`), workers as subprocesses with
+a model cache shared by the run. Registered by tests/conftest.py (pytest_plugins)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,9 +15,13 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env, start_mlflow_server
+from sensor_predictor.devtools.mlflow_server import (
+    MlflowServer,
+    launch_mlflow_server,
+    mlflow_env,
+)
 from sensor_predictor.devtools.postgres import PgServer, find_or_start, stop_cluster
-from sensor_predictor.devtools.worker_process import WorkerProcess
+from sensor_predictor.devtools.worker_process import WorkerNotReady, WorkerProcess
 from tests.support.databases import Database, clone, create_template, drop
 from tests.support.models import Models, log_models
 
@@ -62,44 +68,151 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def models(pg_server: PgServer, mlflow_store: MlflowServer) -> Models:
+def models(pg_server: PgServer, template_db: str, mlflow_store: MlflowServer,
+           shared_model_cache: Path) -> Models:
     cwd = Path.cwd()
     os.chdir(mlflow_store.root)  # sqlite stores put default artifact roots under the cwd
     try:
-        return log_models(pg_server, mlflow_store)
+        logged = log_models(pg_server, mlflow_store)
     finally:
         os.chdir(cwd)
+    fill_model_cache(pg_server, template_db, logged, shared_model_cache)
+    return logged
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """One real `mlflow server` process for the run (as in compose.yaml), serving artifacts."""
-    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+@pytest.fixture(scope="session", autouse=True)
+def _launched_mlflow_server(request: pytest.FixtureRequest,
+                            tmp_path_factory: pytest.TempPathFactory
+                            ) -> Iterator[MlflowServer | None]:
+    """The run's `mlflow server`, launched before the run's first test when a selected test
+    needs it: its start (5-10 s of importing MLflow) overlaps the tests before its first use."""
+    if not any("mlflow_server" in getattr(item, "fixturenames", ())
+               for item in request.session.items):
+        yield None
+        return
+    server = launch_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def served_models(pg_server: PgServer, mlflow_server: MlflowServer) -> Models:
-    return log_models(pg_server, mlflow_server)
+def mlflow_server(_launched_mlflow_server: MlflowServer | None,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real `mlflow server` process for the run (as in compose.yaml), serving artifacts.
+    The chaos tier stops it and starts it again (chaos_mlflow)."""
+    server = _launched_mlflow_server or launch_mlflow_server(
+        tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server.wait_healthy()
+    finally:
+        if server is not _launched_mlflow_server:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_models(pg_server: PgServer, template_db: str, mlflow_server: MlflowServer,
+                  shared_model_cache: Path) -> Models:
+    """The session's models in the `mlflow server` (the chaos tier's chaos_models too)."""
+    logged = log_models(pg_server, mlflow_server)
+    fill_model_cache(pg_server, template_db, logged, shared_model_cache)
+    return logged
 
 
 WorkerFactory = Callable[..., WorkerProcess]
 
+# Workers a test is done with, still in their interpreter's exit: reaped at the end of the run.
+_EXITING: list[WorkerProcess] = []
+
+
+def stop_workers(workers: list[WorkerProcess]) -> None:
+    """A test's teardown: SIGTERM to all at once, then wait until each has stopped its work
+    (its results committed, its connections closed), not for the interpreter's exit after it
+    (about a second once MLflow is imported); that one ends beside the next test."""
+    for w in workers:
+        w.request_stop()
+    for w in workers:
+        w.wait_stopped()
+    _EXITING.extend(workers)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_workers() -> Iterator[None]:
+    yield
+    for w in _EXITING:
+        w.stop()
+
+# A test whose workers must fetch their models from MLflow (a fetch, an MLflow failure, the
+# model cache itself) marks itself so: its workers get a cache of the test's own, empty at the
+# start (beside their logs, WorkerProcess's default). Registered in tests/conftest.py.
+OWN_MODEL_CACHE = "own_model_cache"
+
+
+@pytest.fixture(scope="session")
+def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's MODEL_CACHE_DIR: a model one worker fetched from MLflow and verified is served
+    to every later worker from here, as to a restarted worker in production (keyed by tracking
+    URI, run and version; MLflow runs never change). A cold start imports MLflow and
+    scikit-learn (4-6 s here, and about 1 s more to exit), a cached one takes 0.2 s."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def fill_model_cache(server: PgServer, template: str, models: Models, cache: Path,
+                     timeout: float = 180) -> None:
+    """Serve v1, then v2, of `models` once with a real worker on a scratch database, so that
+    the run's cache holds both before any test starts a worker: every test's worker then serves
+    them from it, whatever ran before (a swap to a model a worker must fetch first takes
+    seconds more, in a worker that never imported MLflow: timing no test should depend on)."""
+    from sensor_predictor.training import activate_model
+
+    db = clone(server, template, prefix="sp_warm_")
+    env = {**db.env(), **mlflow_env(models.store.uri), "MODEL_CACHE_DIR": str(cache),
+           "INFERENCE_INTERVAL_SECONDS": "1"}
+    worker = WorkerProcess(env, cache / f"fill-{uuid.uuid4().hex[:6]}.log")
+
+    async def run() -> None:
+        conn = await db.connect()
+        try:
+            await activate_model(conn, *models.v1)
+            worker.start()
+            await worker.until_ready(timeout)
+            await activate_model(conn, *models.v2)
+            deadline = time.monotonic() + timeout
+            while len([e for e in worker.events() if e.get("event") == "model_cached"]) < 2:
+                if time.monotonic() > deadline:
+                    raise WorkerNotReady(f"v2 not cached in {timeout:g} s:\n{worker.tail()}")
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop_workers([worker])  # its interpreter's exit (1 s with MLflow) ends meanwhile
+        drop(db)
+
+
+def model_cache_env(request: pytest.FixtureRequest, shared: Path) -> dict[str, str]:
+    """MODEL_CACHE_DIR for the workers of `request`'s test: the run's cache, unless the test
+    is marked own_model_cache (then nothing: WorkerProcess puts one beside the test's logs)."""
+    if request.node.get_closest_marker(OWN_MODEL_CACHE):
+        return {}
+    return {"MODEL_CACHE_DIR": str(shared)}
+
 
 @pytest.fixture
-def worker_factory(database: Database, mlflow_store: MlflowServer, tmp_path: Path
+def worker_factory(database: Database, mlflow_store: MlflowServer, tmp_path: Path,
+                   request: pytest.FixtureRequest, shared_model_cache: Path
                    ) -> Iterator[WorkerFactory]:
     """Workers against the test's database and the sqlite store; all stopped at the end."""
     started: list[WorkerProcess] = []
+    cache = model_cache_env(request, shared_model_cache)
 
     def make(**env: str) -> WorkerProcess:
-        base = {**database.env(), **mlflow_env(mlflow_store.uri),
+        base = {**database.env(), **mlflow_env(mlflow_store.uri), **cache,
                 "INFERENCE_INTERVAL_SECONDS": "30", "HEARTBEAT_SECONDS": "1"}
         w = WorkerProcess({**base, **env}, tmp_path / f"worker-{len(started)}.log")
         started.append(w)
         return w
 
     yield make
-    for w in started:
-        w.stop()
+    stop_workers(started)

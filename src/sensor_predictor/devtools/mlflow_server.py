@@ -3,6 +3,10 @@
     server = start_mlflow_server(root)       # sqlite store and artifacts under root
     ... MLFLOW_TRACKING_URI=server.uri ...
     server.stop(); server.start()            # the same port and store again
+
+    server = launch_mlflow_server(root)      # started, not waited for (its start takes 5-10 s
+    ...                                      # of importing MLflow: do something else)
+    server.wait_healthy()
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 
 from sensor_predictor.devtools.postgres import free_port
 
-__all__ = ["MlflowServer", "mlflow_env", "start_mlflow_server", "stop_process"]
+__all__ = ["MlflowServer", "launch_mlflow_server", "mlflow_env", "start_mlflow_server",
+           "stop_process"]
 
 # On a loaded 2-core machine a start has taken more than 60 s.
 HEALTH_TIMEOUT = 180.0
@@ -70,11 +75,27 @@ class MlflowServer:
         self.process = start_mlflow_server(self.root, port=port, timeout=timeout).process
         return time.monotonic() - started
 
+    def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> MlflowServer:
+        """Until /health answers (the process stopped, and an error, if it does not in time)."""
+        assert self.process is not None, "no server process: a plain sqlite store"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.root / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server exited: {tail}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.1)
+        stop_process(self.process)
+        raise RuntimeError(f"mlflow server did not become healthy in {timeout:g} s")
 
-def start_mlflow_server(root: Path, port: int | None = None,
-                        timeout: float = HEALTH_TIMEOUT) -> MlflowServer:
-    """`mlflow server` with a sqlite store and served artifacts under `root`, once /health
-    answers. Its output is appended to root/server.log (across restarts)."""
+
+def launch_mlflow_server(root: Path, port: int | None = None) -> MlflowServer:
+    """`mlflow server` with a sqlite store and served artifacts under `root`, started and not
+    waited for (wait_healthy). Its output is appended to root/server.log (across restarts)."""
     port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -85,16 +106,11 @@ def start_mlflow_server(root: Path, port: int | None = None,
              "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = MlflowServer(f"http://127.0.0.1:{port}", root, proc)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.uri}/health", timeout=1) as r:
-                if r.status == 200:
-                    return server
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    stop_process(proc)
-    raise RuntimeError(f"mlflow server did not become healthy in {timeout:g} s")
+    return MlflowServer(f"http://127.0.0.1:{port}", root, proc)
+
+
+def start_mlflow_server(root: Path, port: int | None = None,
+                        timeout: float = HEALTH_TIMEOUT) -> MlflowServer:
+    """`mlflow server` with a sqlite store and served artifacts under `root`, once /health
+    answers. Its output is appended to root/server.log (across restarts)."""
+    return launch_mlflow_server(root, port).wait_healthy(timeout)

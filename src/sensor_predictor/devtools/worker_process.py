@@ -47,8 +47,12 @@ class WorkerProcess:
                "METRICS_HOST": "127.0.0.1", "LOG_FORMAT": "json"}
         env.setdefault("LOG_LEVEL", "info")
         # A model cache beside the log (workers of one test or one bench run share it), never
-        # the user's home: a test must not swap from another test's cache.
+        # the user's home. A caller may name one in MODEL_CACHE_DIR: the test suite shares one
+        # per run (an entry is keyed by tracking URI, run and version, and a run never
+        # changes), except for the tests of MLflow fetches and of the cache itself.
         env.setdefault("MODEL_CACHE_DIR", str(self.log_path.parent / "model-cache"))
+        # What this start writes begins here (a restart appends to the same log).
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.started_at = time.monotonic()
         self.ready_after = None
@@ -161,6 +165,33 @@ class WorkerProcess:
 
     async def astop(self, timeout: float = 20) -> int | None:  # noqa: ASYNC109 - SIGKILL after
         return await asyncio.to_thread(self.stop, timeout)
+
+    def request_stop(self) -> None:
+        """SIGTERM, if it still runs; `wait_stopped` or `stop` then waits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float = 15) -> None:
+        """Until it has exited or logged worker_stopped: its work is committed and its
+        connections closed; what is left is the interpreter's own exit, about a second once it
+        has imported MLflow. SIGKILL after `timeout`. `stop` (or `wait`) reaps it later."""
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and b'"worker_stopped"' not in self._log_tail():
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                return
+            time.sleep(0.02)
+
+    def _log_tail(self, n: int = 2048) -> bytes:
+        """The last `n` bytes this start wrote to the log."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(self._log_start, f.seek(0, os.SEEK_END) - n))
+                return f.read()
+        except OSError:
+            return b""
 
     def proc_status(self) -> dict[str, int]:
         """VmRSS / VmHWM in bytes (VmHWM: the peak resident set since the process started)."""
