@@ -99,7 +99,11 @@ async def test_a_restart_mid_excursion_does_not_report_it_twice(
 
     again = worker_factory(DRIFT_DETECTION_WINDOW=str(WINDOW)).start()
     await again.until_ready()
-    assert again.metric("sensor_drift_detected") == 1  # resumed from the open row
+    # Resumed from the open row. /ready turns true as the model is served, a moment before
+    # the drift tracker has read that row: wait for the gauge rather than race it (seen once
+    # on a loaded machine, a worker ready from its model cache in 0.25 s).
+    assert await wait_for(
+        lambda: _async(again.metric("sensor_drift_detected") == 1), timeout=5)
     await _feed(conn, Simulator(10, seed=4, drift=True), 200, step=50)
     # Its window has seen all 200 (its own count, kept as each batch is recorded): a second
     # report would have happened by now. Then stop it, so its drift writes are on record.
