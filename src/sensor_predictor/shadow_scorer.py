@@ -121,6 +121,9 @@ class ShadowScorer:
         """Score the batches with the candidate, write their rows in one statement per active
         model version (almost always one), then evaluate the windows they complete."""
         candidate = items[0][0]
+        # Two lanes commit their batches in either order: within a flush, windows follow the
+        # readings' ids, so that a window is (almost always) a contiguous run of ids.
+        items = sorted(items, key=lambda item: min(item[1].ids or (0,)))
         by_active: dict[str, list[tuple[list[int], npt.NDArray[np.int64],
                                         npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = {}
         actives: dict[str, LoadedModel] = {}

@@ -106,15 +106,21 @@ async def test_a_candidate_is_scored_in_the_shadow_with_its_agreement_then_promo
         assert r["candidate_drift_score"] is not None and r["candidate_drift_score"] < 0.1
         assert 0.0 <= r["candidate_p_value"] <= 1.0
     # The figure is scikit-learn's adjusted Rand index of the window's rows, as a user would
-    # recompute it from the table.
-    first = rows[0]
-    window = await conn.fetch(
-        "SELECT active_cluster_id, cluster_id FROM shadow_predictions WHERE model_version = $1"
-        " AND reading_id BETWEEN $2 AND $3", str(cand_version), first["first_reading_id"],
-        first["last_reading_id"])
-    assert len(window) == WINDOW
-    expected = adjusted_rand_score([w[0] for w in window], [w[1] for w in window])
-    assert math.isclose(first["adjusted_rand_index"], expected, abs_tol=1e-12)
+    # recompute it from the table. A window is readings in scoring order, and two lanes may
+    # commit out of id order: where a window's id range holds exactly its own readings, the
+    # rows in that range are the window.
+    checked = 0
+    for row in rows:
+        window = await conn.fetch(
+            "SELECT active_cluster_id, cluster_id FROM shadow_predictions"
+            " WHERE model_version = $1 AND reading_id BETWEEN $2 AND $3", str(cand_version),
+            row["first_reading_id"], row["last_reading_id"])
+        assert len(window) >= WINDOW
+        if len(window) == WINDOW:
+            expected = adjusted_rand_score([w[0] for w in window], [w[1] for w in window])
+            assert math.isclose(row["adjusted_rand_index"], expected, abs_tol=1e-12)
+            checked += 1
+    assert checked >= len(rows) // 2, f"only {checked} of {len(rows)} windows contiguous"
 
     sample = await worker.ascrape()
     assert series_value(sample, "sensor_shadow_predictions_total") == len(ids)
