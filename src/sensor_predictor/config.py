@@ -65,6 +65,13 @@ class Settings:
     # half-open session the server has not noticed yet (its claim is then scored twice, written
     # once).
     claim_orphan_seconds: float = 60.0
+    # What sits between us and PostgreSQL: "session" (a direct connection, or a session-mode
+    # pooler: a session is the worker's own) or "transaction" (a transaction-mode pooler: no
+    # session state survives a transaction, so claims are owned by leases, not session locks).
+    pool_mode: str = "session"
+    # In transaction mode, a claim whose owner stopped renewing its lease for this long is
+    # taken over.
+    claim_lease_seconds: float = 5.0
     model_name: str = "sensor_failure_clustering"
     migrate_on_start: bool = True
     log_level: str = "info"
@@ -151,6 +158,13 @@ def _log_level(raw: str) -> str:
     return lowered
 
 
+def _pool_mode(raw: str) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in {"session", "transaction"}:
+        raise ValueError("must be session or transaction")
+    return lowered
+
+
 def _log_format(raw: str) -> str:
     lowered = raw.strip().lower()
     if lowered not in {"auto", "json", "console"}:
@@ -182,6 +196,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PREDICTION_CONCURRENCY": ("prediction_concurrency", _positive_int),
     "HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_float),
     "CLAIM_ORPHAN_SECONDS": ("claim_orphan_seconds", _positive_float),
+    "POSTGRES_POOL_MODE": ("pool_mode", _pool_mode),
+    "CLAIM_LEASE_SECONDS": ("claim_lease_seconds", _positive_float),
     "MODEL_NAME": ("model_name", _non_empty),
     "MIGRATE_ON_START": ("migrate_on_start", _boolean),
     "LOG_LEVEL": ("log_level", _log_level),
