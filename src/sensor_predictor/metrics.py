@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -250,66 +252,131 @@ class Metrics:
 ReadyCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
 
+@dataclass
+class _Client:
+    writer: asyncio.StreamWriter
+    # monotonic time since which it has been waiting on its peer (a request head to arrive, or
+    # an answer to be read); None while we work on its request.
+    waiting_since: float | None
+
+
 class MetricsServer:
     """Serves /metrics (Prometheus text) and /ready (200 or 503 with the reasons) over HTTP.
 
     A small HTTP/1.1 responder on asyncio's own server, for two GET endpoints: a web framework
     (aiohttp) cost a third of the worker's import time, which is most of a restart.
+
+    Its port is often reachable by anyone (0.0.0.0), so what a client can hold is bounded: at
+    most HTTP_MAX_CLIENTS connections (the excess is refused at once, unless it can take the
+    place of a client that has kept it waiting for HTTP_EVICT_AFTER_SECONDS: a scraper gets
+    through a flood of idle connections), a request head of at most HTTP_MAX_HEAD_BYTES, every
+    write done within HTTP_WRITE_SECONDS (a client that never reads its answers is dropped),
+    and HTTP_IDLE_SECONDS to send a request head.
     """
 
-    def __init__(self, metrics: Metrics, ready_check: ReadyCheck) -> None:
+    def __init__(self, metrics: Metrics, ready_check: ReadyCheck, *,
+                 max_clients: int | None = None) -> None:
         self._metrics = metrics
         self._ready_check = ready_check
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], _Client] = {}
+        self._max_clients = HTTP_MAX_CLIENTS if max_clients is None else max_clients
         self.port: int | None = None
+        self.refused = 0  # connections turned away at the cap
+        self.evicted = 0  # connections dropped to make room for a new one
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True,
+                                                  limit=HTTP_MAX_HEAD_BYTES)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._clients):
+            for task, client in list(self._clients.items()):
+                client.writer.transport.abort()
                 task.cancel()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
             self._server = None
 
+    @property
+    def clients(self) -> int:
+        """Connections held now."""
+        return len(self._clients)
+
+    def _admit(self, task: asyncio.Task[None], writer: asyncio.StreamWriter) -> bool:
+        """Take a new connection, in place of the stalest waiting one at the cap, or refuse it."""
+        if len(self._clients) >= self._max_clients:
+            now = time.monotonic()
+            stale = [(c.waiting_since, t) for t, c in self._clients.items()
+                     if c.waiting_since is not None
+                     and now - c.waiting_since >= HTTP_EVICT_AFTER_SECONDS]
+            if not stale:
+                self.refused += 1
+                return False
+            _, victim = min(stale, key=lambda pair: pair[0])
+            self._clients.pop(victim).writer.transport.abort()
+            self.evicted += 1
+        self._clients[task] = _Client(writer, time.monotonic())
+        return True
+
+    async def _write(self, client: _Client, data: bytes) -> None:
+        """Write, and wait until the transport has taken it, at most HTTP_WRITE_SECONDS."""
+        client.writer.write(data)
+        client.waiting_since = time.monotonic()
+        await asyncio.wait_for(client.writer.drain(), timeout=HTTP_WRITE_SECONDS)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        if not self._admit(task, writer):
+            # Never blocks: a few bytes into an empty buffer, then the socket is closed.
+            writer.write(http_response(503, b"too many clients\n", "text/plain", close=True))
+            writer.close()
+            return
+        client = self._clients[task]
         try:
             while True:  # keep-alive: a scraper may ask again on the same connection
+                client.waiting_since = time.monotonic()
                 try:
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
                                                   timeout=HTTP_IDLE_SECONDS)
-                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                        ConnectionError):
+                except asyncio.LimitOverrunError:
+                    await self._write(client, http_response(
+                        431, b"request head too large\n", "text/plain", close=True))
                     return
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                client.waiting_since = None
                 request = parse_request_head(head)
                 if request is None:
-                    writer.write(http_response(400, b"bad request\n", "text/plain", close=True))
-                    await writer.drain()
+                    await self._write(client, http_response(400, b"bad request\n", "text/plain",
+                                                            close=True))
                     return
                 method, path, headers = request
-                close = headers.get("connection", "").lower() == "close"
+                # A body is never read: answer, then close rather than parse it as a request.
+                close = (headers.get("connection", "").lower() == "close"
+                         or headers.get("content-length", "0") != "0"
+                         or "transfer-encoding" in headers)
                 status, body, content_type = self._route(method, path, headers)
-                writer.write(http_response(status, b"" if method == "HEAD" else body,
-                                           content_type, close=close,
-                                           length=len(body)))
-                await writer.drain()
+                await self._write(client, http_response(
+                    status, b"" if method == "HEAD" else body, content_type, close=close,
+                    length=len(body)))
                 if close:
                     return
-        except ConnectionError:
-            return
+                await asyncio.sleep(0)  # pipelined requests of one client do not hog the loop
+        except (TimeoutError, ConnectionError):
+            return  # a write not taken in time, or the peer gone
         finally:
-            self._clients.discard(task)
-            writer.close()
+            self._clients.pop(task, None)
+            transport = writer.transport
+            if transport.get_write_buffer_size() > 0:
+                transport.abort()  # close() would wait for a peer that does not read
+            else:
+                writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
 
     def _route(self, method: str, path: str, headers: Mapping[str, str]
                ) -> tuple[int, bytes, str]:
@@ -326,9 +393,19 @@ class MetricsServer:
         return 404, b"not found\n", "text/plain"
 
 
+# Time to send a request head, on a new connection or between requests of a kept-alive one.
 HTTP_IDLE_SECONDS = 30.0
+# Connections served at once: Prometheus (an HA pair), the container's health check and a
+# few people need far fewer.
+HTTP_MAX_CLIENTS = 64
+# At the cap, a new connection may replace one that has waited on its peer this long.
+HTTP_EVICT_AFTER_SECONDS = 1.0
+# Time for the transport to take an answer (a /metrics body is tens of kilobytes).
+HTTP_WRITE_SECONDS = 10.0
+# A request head larger than this is refused (431); a scraper's is a few hundred bytes.
+HTTP_MAX_HEAD_BYTES = 8192
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 def parse_request_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
