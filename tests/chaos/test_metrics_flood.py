@@ -40,7 +40,7 @@ IDLE = 300        # connections that never finish a request head
 PIPELINERS = 40   # clients that send 200 requests and never read an answer
 OVERSIZE = 30     # request heads of 20 KB
 GARBAGE = 30      # random bytes (half of them ending like a head)
-FLOOD_SECONDS = 8.0
+FLOOD_SECONDS = 6.0
 
 
 def _fds(pid: int) -> int:
