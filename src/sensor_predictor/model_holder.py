@@ -345,8 +345,8 @@ class ModelHolder:
                 sensors=len(model.feature_names), model_features=len(model.model_features),
                 note="a model of the old trainer, fitted on failure-episode aggregates, scores "
                      "single readings (value for _mean/_min/_max, 0 for _std and duration) as "
-                     "the old predictor did; retrain with `sensor-predictor train` (README: "
-                     "Serving the old trainer's models)")
+                     "the old predictor did; retrain with `sensor-predictor train` (docs/"
+                     "replacing-the-old-predictor.md: Serving the old trainer's models)")
 
     def _record_failure(self, row: ActiveRow, reason: str, message: str) -> None:
         self._failures = self._failures + 1 if row == self._failed_row else 1
