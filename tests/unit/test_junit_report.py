@@ -29,13 +29,19 @@ def test_no_test_asks_for_a_fixture_xunit2_refuses() -> None:
 
 
 def test_a_junit_report_with_the_default_options(tmp_path: Path) -> None:
+    """A real run with the project's configuration: a test that records a figure (as
+    test_simulator.py records its drift figures) and the scan above."""
     report = tmp_path / "report.xml"
-    test = "tests/unit/test_simulator.py::test_the_drifted_stream_exceeds_the_threshold"
+    (tmp_path / "test_recording.py").write_text(
+        "def test_records(record_testsuite_property):\n"
+        "    record_testsuite_property('drifted_mean_js', 0.36)\n")
+    test = [str(tmp_path / "test_recording.py"),
+            "tests/unit/test_junit_report.py::test_no_test_asks_for_a_fixture_xunit2_refuses"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test,
-         f"--junitxml={report}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        check=False)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
+         "-c", str(ROOT / "pyproject.toml"), *test, f"--junitxml={report}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     xml = report.read_text(encoding="utf-8")
-    assert 'tests="1"' in xml and 'failures="0"' in xml and 'errors="0"' in xml
+    assert 'tests="2"' in xml and 'failures="0"' in xml and 'errors="0"' in xml
     assert '<property name="drifted_mean_js"' in xml
