@@ -420,3 +420,12 @@ def test_the_readme_is_a_front_door() -> None:
     assert len(text.splitlines()) <= 220
     assert re.search(r"`uv run pytest` took \d+ min \d+ s", text), \
         "the README states the measured time of its test command"
+
+
+def test_docs_index_links_every_page() -> None:
+    index = DOCS / "index.md"
+    linked = {(index.parent / target.partition("#")[0]).resolve()
+              for _, target in links(index) if target.partition("#")[0]}
+    pages = {p.resolve() for p in DOCS.rglob("*.md") if p != index}
+    assert sorted(str(p.relative_to(ROOT)) for p in pages - linked) == [], \
+        "pages docs/index.md does not list"
