@@ -18,10 +18,9 @@ from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 from sensor_predictor.features import REASONS as BAD_READING_REASONS
+from sensor_predictor.model_types import LOAD_FAILURE_REASONS as MODEL_LOAD_FAILURE_REASONS
 
 WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
-MODEL_LOAD_FAILURE_REASONS = ("mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
-                              "feature_mismatch", "probe_failed")
 SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
                           "queue_full")
 
