@@ -163,11 +163,13 @@ def _start(args: list[str], log: Path, ready_url: str, timeout: float = 30) -> P
 
 
 @pytest.fixture
-def start_monitoring(tmp_path: Path, webhook: Webhook) -> Iterator[Callable[[int], Any]]:
-    """Starts Alertmanager, then Prometheus scraping a worker's metrics port."""
+def start_monitoring(tmp_path: Path, webhook: Webhook
+                     ) -> Iterator[Callable[[int], tuple[str, str]]]:
+    """Starts Alertmanager, then Prometheus scraping a worker's metrics port; gives the
+    worker's instance label and Prometheus' URL."""
     started: list[Process] = []
 
-    def start(worker_port: int) -> str:
+    def start(worker_port: int) -> tuple[str, str]:
         am_port, prom_port = free_port(), free_port()
         am_dir = tmp_path / "alertmanager"
         am_dir.mkdir()
@@ -196,7 +198,7 @@ def start_monitoring(tmp_path: Path, webhook: Webhook) -> Iterator[Callable[[int
              f"--storage.tsdb.path={prom_dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{prom_port}", "--rules.alert.resend-delay=1s"],
             tmp_path / "prometheus.log", f"http://127.0.0.1:{prom_port}/-/ready"))
-        return f"127.0.0.1:{worker_port}"
+        return f"127.0.0.1:{worker_port}", f"http://127.0.0.1:{prom_port}"
 
     yield start
     for p in reversed(started):
@@ -223,6 +225,16 @@ async def _scored(conn: asyncpg.Connection) -> bool:
     return (await tally(conn)).missing == 0
 
 
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _shipped_groups() -> list[dict[str, Any]]:
+    return [g for path in sorted(RULES.glob("*.yaml"))
+            for g in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]]
+
+
 async def _gauge(worker: Any, name: str, value: float) -> bool:
     return bool(await asyncio.to_thread(worker.metric, name) == value)
 
@@ -234,11 +246,11 @@ async def _delivered(hook: Webhook, name: str, status: str) -> list[dict[str, An
 @pytest.mark.timeout(180)
 async def test_drift_and_a_killed_worker_reach_the_webhook_and_drift_resolves(
         conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory,
-        webhook: Webhook, start_monitoring: Callable[[int], str]) -> None:
+        webhook: Webhook, start_monitoring: Callable[[int], tuple[str, str]]) -> None:
     await activate_model(conn, *models.v1)
     worker = worker_factory(DRIFT_DETECTION_WINDOW=str(WINDOW), DRIFT_THRESHOLD="0.1").start()
     await worker.until_ready()
-    instance = await asyncio.to_thread(start_monitoring, worker.metrics_port)
+    instance, prometheus = await asyncio.to_thread(start_monitoring, worker.metrics_port)
 
     # The path works (Watchdog, always firing, reaches its own receiver), and a healthy worker
     # raises nothing: no alert of ours fires before the excursion.
@@ -277,6 +289,13 @@ async def test_drift_and_a_killed_worker_reach_the_webhook_and_drift_resolves(
         "drift resolved delivered", timeout=30)
     assert resolved["labels"]["instance"] == instance
     assert resolved["endsAt"] > firing["startsAt"]
+
+    # Every rule evaluated without error against the real worker's series (a template, or a
+    # vector matching that only fails on real labels, would show here).
+    rules = await asyncio.to_thread(_get_json, f"{prometheus}/api/v1/rules")
+    evaluated = [r for g in rules["data"]["groups"] for r in g["rules"]]
+    assert len(evaluated) == sum(len(g["rules"]) for g in _shipped_groups())
+    assert [(r["name"], r.get("lastError")) for r in evaluated if r["health"] != "ok"] == []
 
     # A killed worker: SensorPredictorDown, critical, for its instance.
     worker.signal(signal.SIGKILL)
