@@ -95,6 +95,13 @@ class Settings:
             "database": self.postgres_db,
         }
 
+    def secret_values(self) -> list[str]:
+        """The values no log line may carry (logging_setup masks them wherever they appear):
+        the PostgreSQL password and the credentials of the tracking URI."""
+        from sensor_predictor.logging_setup import url_credentials
+
+        return [self.postgres_password.reveal(), *url_credentials(self.mlflow_tracking_uri)]
+
     def describe(self) -> dict[str, Any]:
         """The settings as loggable fields, secrets masked."""
         return {f.name: repr(v) if isinstance(v, Secret) else v
