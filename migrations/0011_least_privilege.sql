@@ -26,12 +26,13 @@ $$;
 
 -- 2. The digest of each model's artifacts, recorded when the model is first served (or
 --    re-scored with): a later load of the same run and version whose artifacts differ is
---    refused. One row per model_version label (run id and registered version).
+--    refused. One row per run and model_version label (the registered version, or run-<id>).
 CREATE TABLE IF NOT EXISTS model_artifact_digests (
-    model_version   text PRIMARY KEY,
     mlflow_run_id   text NOT NULL,
+    model_version   text NOT NULL,
     digest          text NOT NULL,
-    first_served_at timestamptz NOT NULL DEFAULT now()
+    first_served_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (mlflow_run_id, model_version)
 );
 GRANT SELECT, INSERT ON model_artifact_digests TO sensor_predictor_worker;
 

@@ -78,6 +78,9 @@ class Settings:
     log_format: str = "auto"
     # Verified models kept for a restart without MLflow; "off" keeps none. "~" is expanded.
     model_cache_dir: str = "~/.cache/sensor-predictor"
+    # Where models may be read from (model_sources.py): tracking and artifact URI prefixes.
+    # Empty: the tracking URI itself (and a local store's folder), nothing else.
+    model_sources_allowed: tuple[str, ...] = ()
 
     @property
     def drift_exit_level(self) -> float:
@@ -185,6 +188,15 @@ def _cache_dir(raw: str) -> str:
     return "off" if raw.strip().lower() == "off" else raw
 
 
+def _uri_list(raw: str) -> tuple[str, ...]:
+    """Comma- or blank-separated URI prefixes; empty: the default."""
+    items = tuple(part for part in raw.replace(",", " ").split() if part)
+    for item in items:
+        if item in ("*", "/", "file:///", "file://", "http://", "https://"):
+            raise ValueError(f"{item!r} would allow everything; name the locations")
+    return items
+
+
 # environment variable -> (settings field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _non_empty),
@@ -210,6 +222,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "MODEL_CACHE_DIR": ("model_cache_dir", _cache_dir),
+    "MODEL_SOURCES_ALLOWED": ("model_sources_allowed", _uri_list),
 }
 
 

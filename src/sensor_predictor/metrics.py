@@ -19,7 +19,8 @@ from sensor_predictor.features import REASONS as BAD_READING_REASONS
 
 WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
 MODEL_LOAD_FAILURE_REASONS = ("mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
-                              "feature_mismatch", "probe_failed")
+                              "feature_mismatch", "probe_failed", "source_not_allowed",
+                              "bad_model_artifact", "artifacts_changed")
 SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
                           "queue_full")
 

@@ -52,6 +52,8 @@ class CacheEntry:
     reference: tuple[float, ...] | None
     legacy: bool
     kernel: dict[str, Any]
+    artifact_digest: str | None = None
+    """The digest of the MLflow artifacts it was built from (model_sources.py)."""
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -118,7 +120,9 @@ class ModelCache:
                 model_features=tuple(str(n) for n in body["model_features"]),
                 n_clusters=int(body["n_clusters"]),
                 reference=None if reference is None else tuple(float(p) for p in reference),
-                legacy=bool(body["legacy"]), kernel=dict(body["kernel"]))
+                legacy=bool(body["legacy"]), kernel=dict(body["kernel"]),
+                artifact_digest=None if body.get("artifact_digest") is None
+                else str(body["artifact_digest"]))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.discard(run_id, registered_version, f"{type(exc).__name__}: {exc}")
             return None
