@@ -453,8 +453,8 @@ class ModelHolder:
                 if model is None:
                     model = await asyncio.to_thread(load_and_verify, row, self.model_name,
                                                     bookkeeping, self.sources)
-                await check_digest(pool, model)
                 await _check_features_in_readings(pool, model.feature_names)
+                await check_digest(pool, model)
                 model = await self._aligned(pool, model)
             except ModelLoadError as exc:
                 self._record_failure(row, exc.reason, str(exc))
