@@ -86,7 +86,7 @@ def test_the_json_model_round_trips_and_refuses_what_does_not_fit() -> None:
     ):
         document = json.loads(json.dumps(good))
         damage(document)
-        with pytest.raises(ValueError, match="."):
+        with pytest.raises(ValueError, match=r"\w"):
             parse_model_document(json.dumps(document).encode())
     with pytest.raises(ValueError, match="not JSON"):
         parse_model_document(b"\x80\x04pickle")
