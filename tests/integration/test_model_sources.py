@@ -181,3 +181,53 @@ async def test_artifacts_changed_under_the_same_run_and_version_are_refused(
     finally:
         path.write_bytes(original)
         await pool.close()
+
+
+class _Planted:
+    """A pickle that leaves a file behind when it is loaded: proof it was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+async def test_a_model_that_fails_to_load_does_not_fall_through_to_unpickling_scaler_pkl(
+        store: Store, tmp_path: Path) -> None:
+    """A pickled `model` (no JSON artifact: another tool's run) that fails to load is refused;
+    the run's scaler.pkl (the old trainer's layout) is never unpickled in its place."""
+    import pickle
+
+    import mlflow
+
+    from tests.model_factory import log_model_with_features
+
+    cwd = Path.cwd()
+    os.chdir(store.root)
+    try:
+        run_id, version = await asyncio.to_thread(
+            log_model_with_features, store.uri, [f"Sensor {i}" for i in range(1, 21)])
+    finally:
+        os.chdir(cwd)
+    marker = tmp_path / "unpickled"
+    run_dir = _artifact_dir(store.uri, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "scaler.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    # It serves as it is (unpickled, from an allowed source: the allow-list's job).
+    model = await asyncio.to_thread(_load, store, (run_id, version))
+    assert model.unpickled  # type: ignore[attr-defined]
+    assert not marker.exists()
+    # Its pickled model damaged: refused, and scaler.pkl left alone.
+    mlflow.set_tracking_uri(store.uri)
+    logged = next(m for m in mlflow.MlflowClient().search_logged_models(
+        experiment_ids=[mlflow.get_run(run_id).info.experiment_id]) if m.source_run_id == run_id)
+    folder = Path(unquote(urlsplit(logged.artifact_location).path))
+    damaged = [p for p in folder.iterdir() if p.suffix in (".pkl", ".skops")]
+    assert damaged, sorted(p.name for p in folder.iterdir())
+    for path in damaged:  # MLflow 3 writes skops, older versions a pickle
+        path.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError) as refused:
+        await asyncio.to_thread(_load, store, (run_id, version))
+    assert refused.value.reason == "load_failed", refused.value
+    assert not marker.exists(), "scaler.pkl was unpickled after the model failed to load"
