@@ -74,7 +74,7 @@ def normalise(uri: str, tracking_uri: str) -> str:
     path_part = os.path.normpath(parsed.path) if parsed.path else ""
     if path_part in (".", "/"):
         path_part = ""
-    return urllib.parse.urlunsplit((scheme, host, path_part, "", "")).rstrip("/")
+    return f"{scheme}://{host}{path_part}".rstrip("/")
 
 
 def default_sources(tracking_uri: str) -> tuple[str, ...]:
