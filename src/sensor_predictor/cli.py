@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sensor-predictor: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format,
+                      secrets=settings.secret_values())
     if args.command == "run" and args.no_migrate:
         settings = dataclasses.replace(settings, migrate_on_start=False)
     try:

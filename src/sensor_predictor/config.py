@@ -78,6 +78,9 @@ class Settings:
     log_format: str = "auto"
     # Verified models kept for a restart without MLflow; "off" keeps none. "~" is expanded.
     model_cache_dir: str = "~/.cache/sensor-predictor"
+    # Where models may be read from (model_sources.py): tracking and artifact URI prefixes.
+    # Empty: the tracking URI itself (and a local store's folder), nothing else.
+    model_sources_allowed: tuple[str, ...] = ()
 
     @property
     def drift_exit_level(self) -> float:
@@ -94,6 +97,13 @@ class Settings:
             "password": self.postgres_password.reveal(),
             "database": self.postgres_db,
         }
+
+    def secret_values(self) -> list[str]:
+        """The values no log line may carry (logging_setup masks them wherever they appear):
+        the PostgreSQL password and the credentials of the tracking URI."""
+        from sensor_predictor.logging_setup import url_credentials
+
+        return [self.postgres_password.reveal(), *url_credentials(self.mlflow_tracking_uri)]
 
     def describe(self) -> dict[str, Any]:
         """The settings as loggable fields, secrets masked."""
@@ -178,6 +188,15 @@ def _cache_dir(raw: str) -> str:
     return "off" if raw.strip().lower() == "off" else raw
 
 
+def _uri_list(raw: str) -> tuple[str, ...]:
+    """Comma- or blank-separated URI prefixes; empty: the default."""
+    items = tuple(part for part in raw.replace(",", " ").split() if part)
+    for item in items:
+        if item in ("*", "/", "file:///", "file://", "http://", "https://"):
+            raise ValueError(f"{item!r} would allow everything; name the locations")
+    return items
+
+
 # environment variable -> (settings field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _non_empty),
@@ -203,6 +222,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "MODEL_CACHE_DIR": ("model_cache_dir", _cache_dir),
+    "MODEL_SOURCES_ALLOWED": ("model_sources_allowed", _uri_list),
 }
 
 

@@ -30,6 +30,7 @@ from sensor_predictor.metrics import Metrics, MetricsServer
 from sensor_predictor.migrate import migrate
 from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_holder import ModelHolder, configure_mlflow
+from sensor_predictor.model_sources import SourcePolicy
 from sensor_predictor.model_types import LoadedModel
 from sensor_predictor.scoring import (
     PROGRESS,
@@ -69,13 +70,15 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         cache = (None if settings.model_cache_dir == "off"
                  else ModelCache(settings.model_cache_dir, settings.mlflow_tracking_uri))
+        # Models only from where the operator allows (MODEL_SOURCES_ALLOWED).
+        sources = SourcePolicy(settings.mlflow_tracking_uri, settings.model_sources_allowed)
         self.holder = ModelHolder(settings.model_name, on_failure=self._model_failed,
-                                  cache=cache)
+                                  cache=cache, sources=sources)
         # The shadow candidate (model_candidates), aligned against the model served now.
         self.shadow = ShadowScorer(settings, self.metrics)
         self.candidate_holder = ModelHolder(
             settings.model_name, on_failure=self.shadow.load_failed, cache=cache,
-            role="candidate", reference=self._active_version)
+            role="candidate", reference=self._active_version, sources=sources)
         self.drift = DriftMonitor(settings, self.metrics)
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,

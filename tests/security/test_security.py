@@ -44,6 +44,8 @@ EXPECTED_RELATION_GRANTS = {
     "shadow_predictions": {"INSERT"},
     "shadow_evaluations": {"INSERT"},
     "shadow_evaluations_id_seq": {"USAGE"},
+    # the digest of a model's artifacts, recorded when it is first served (0011)
+    "model_artifact_digests": {"SELECT", "INSERT"},
 }
 EXPECTED_COLUMN_GRANTS = {
     ("versions", "is_processed", "UPDATE"),

@@ -431,3 +431,18 @@ RETURNING id;
 -- name: add_version_notice
 -- The new-model notice the old trainer wrote (kept for the old system's tools).
 INSERT INTO versions (version, run_id) VALUES ($1, $2);
+
+-- name: record_model_digest
+-- The digest of a model's artifacts, recorded the first time it is served; the digest on
+-- record comes back either way ($1 run id, $2 model_version label, $3 digest). NULL only when
+-- a concurrent first record is not visible yet (the caller asks again).
+WITH recorded AS (
+    INSERT INTO model_artifact_digests (mlflow_run_id, model_version, digest)
+    VALUES ($1, $2, $3)
+    ON CONFLICT (mlflow_run_id, model_version) DO NOTHING
+    RETURNING digest
+)
+SELECT digest FROM recorded
+UNION ALL
+SELECT digest FROM model_artifact_digests WHERE mlflow_run_id = $1 AND model_version = $2
+LIMIT 1;
