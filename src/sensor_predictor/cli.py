@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import structlog
 
 from sensor_predictor.config import ConfigError, Settings, load_settings
+from sensor_predictor.connect_errors import ConnectFailed
 from sensor_predictor.logging_setup import configure_logging
 
 log = structlog.get_logger("sensor_predictor.cli")
@@ -210,25 +211,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "run" and args.no_migrate:
         settings = dataclasses.replace(settings, migrate_on_start=False)
-    try:
-        if args.command == "migrate":
-            return asyncio.run(_migrate(settings))
-        if args.command == "run":
-            return asyncio.run(_run(settings))
-        if args.command == "train":
-            return asyncio.run(_train(settings, args))
-        if args.command == "simulate":
-            return asyncio.run(_simulate(settings, args))
-        if args.command == "rescore":
-            return asyncio.run(_rescore(settings, args))
-        if args.command == "clusters":
-            return asyncio.run(_clusters(settings))
-        if args.command == "demo":
-            from sensor_predictor.demo import run_demo
+    if args.command not in ("run", "demo"):
+        from sensor_predictor import db
 
-            return run_demo(args)
+        log.debug("database_connection", hosts=[f"{h}:{p}" for h, p in settings.endpoints],
+                  target_session_attrs=settings.target_session_attrs,
+                  **db.describe_tls(settings))
+    try:
+        return _dispatch(args, settings)
     except KeyboardInterrupt:
         return 130
+    except ConnectFailed as exc:
+        # One line: the cause and the variable to change. An outage exits 1, a configuration
+        # error 2 (EXIT_CONFIG), like an invalid setting.
+        print(f"sensor-predictor: {args.command}: {exc.cause.line()}", file=sys.stderr)
+        return 1 if exc.cause.transient else EXIT_CONFIG
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    if args.command == "run":
+        return asyncio.run(_run(settings))
+    if args.command == "train":
+        return asyncio.run(_train(settings, args))
+    if args.command == "simulate":
+        return asyncio.run(_simulate(settings, args))
+    if args.command == "rescore":
+        return asyncio.run(_rescore(settings, args))
+    if args.command == "clusters":
+        return asyncio.run(_clusters(settings))
+    if args.command == "demo":
+        from sensor_predictor.demo import run_demo
+
+        return run_demo(args)
     return 0
 
 

@@ -129,6 +129,11 @@ class Metrics:
         self.db_reconnects = Counter(
             "sensor_db_reconnects_total", "Database connections lost and re-established.",
             registry=r)
+        self.listener_deaf = Counter(
+            "sensor_listener_deaf_total",
+            "Times the listen connection answered its heartbeat but did not listen (no "
+            "channels, or another server session: a transaction pooler); each one reconnected.",
+            registry=r)
         # Shadow scoring (shadow_scorer.py): a candidate model beside the active one.
         self.shadow_candidate_info = Gauge(
             "sensor_shadow_candidate_info",

@@ -22,8 +22,9 @@ from typing import Any
 import asyncpg
 import structlog
 
-from sensor_predictor import db
+from sensor_predictor import connect_errors, db
 from sensor_predictor.config import Settings
+from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
 from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
@@ -58,6 +59,11 @@ DRAIN_BATCH_FACTOR = 10
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Retry delays (seconds): the first, and the ceiling they double up to.
 CONNECT_BACKOFF = (0.2, 5.0)  # the database is not reachable at the start
+CONFIG_BACKOFF = (0.2, 30.0)  # a configuration error: it heals only when someone fixes it
+# Transaction mode: how long the listen connection gets to hear its own probe notification.
+LISTEN_PROBE_CHANNEL = "sensor_listen_probe"
+LISTEN_PROBE_SECONDS = 3.0
+EXIT_CONFIG = 2
 RETRY_BACKOFF = (0.1, 5.0)  # a pass failed (database gone, a batch failed)
 
 
@@ -79,7 +85,9 @@ class Worker:
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,
                                  on_model=self._notified_model, on_connected=self._listening,
-                                 on_lost=self._listen_lost)
+                                 on_lost=self._listen_lost, on_deaf=self._listener_deaf)
+        # Why the database cannot be used now, while the start-up connection is retried.
+        self.db_problem: Cause | None = None
         self.metrics_server = MetricsServer(self.metrics, self.readiness)
         self._wake = asyncio.Event()
         self._model_event = asyncio.Event()
@@ -136,6 +144,9 @@ class Worker:
         self.wake("startup" if first else "reconnect")
         self._update_ready()
 
+    def _listener_deaf(self, reason: str) -> None:
+        self.metrics.listener_deaf.inc({})
+
     def _listen_lost(self) -> None:
         self._lost_at = time.monotonic()
         self._update_ready()
@@ -149,13 +160,28 @@ class Worker:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         model = self.holder.current
-        detail = {
+        listening = self.listener.listening or self.settings.poll_only
+        detail: dict[str, Any] = {
             "listening": self.listener.listening,
             "pool": self.pool is not None,
             "model_version": model.version if model else None,
             "stopping": self._stopping.is_set(),
         }
-        ready = (self.listener.listening and self.pool is not None and model is not None
+        # Which part is missing, in words.
+        missing: dict[str, str] = {}
+        if self.pool is None:
+            missing["database"] = (self.db_problem.line() if self.db_problem is not None
+                                   else "not connected yet")
+        if not listening:
+            problem = self.listener.problem
+            missing["listener"] = problem.line() if problem is not None else "not listening"
+        if model is None:
+            missing["model"] = "no model served yet"
+        if missing:
+            detail["missing"] = missing
+        if self.settings.poll_only:
+            detail["poll_only"] = True
+        ready = (listening and self.pool is not None and model is not None
                  and not self._stopping.is_set())
         return ready, detail
 
@@ -190,42 +216,124 @@ class Worker:
                 return 1
             log.info("metrics_serving", host=self.settings.metrics_host,
                      port=self.metrics_server.port)
-            if not await self._connect():
-                return 0
+            try:
+                if not await self._connect():
+                    return 0
+            except ListenUnavailable as exc:
+                log.error("listen_connection_unusable", cause=exc.cause.kind,
+                          error=exc.cause.line(),
+                          note="POSTGRES_POOL_MODE=transaction: the worker does not run deaf; "
+                               "set POSTGRES_LISTEN_HOST/POSTGRES_LISTEN_PORT to the server or a "
+                               "session-mode pool, or POLL_ONLY=true to wake by polling only")
+                return EXIT_CONFIG
             self._tasks = [
-                asyncio.create_task(self.listener.run(), name="listener"),
                 asyncio.create_task(self._watch_model(), name="model"),
                 asyncio.create_task(self._poll(), name="poll"),
                 asyncio.create_task(self._watch_backlog(), name="backlog"),
                 asyncio.create_task(self.shadow.run(self.pool), name="shadow"),
             ]
+            if self.settings.poll_only:
+                log.warning("poll_only", interval_s=self.settings.inference_interval_seconds,
+                            note="POLL_ONLY=true: no LISTEN; new readings wait for the next poll")
+                self._listening(True)
+            else:
+                self._tasks.append(asyncio.create_task(self.listener.run(), name="listener"))
             await self._drain_forever()
         finally:
             await self._shutdown()
         return 0
 
     async def _connect(self) -> bool:
-        """Migrate (unless told not to) and open the pool, retrying while the database is down."""
+        """Migrate (unless told not to) and open the pool, retrying while the database is down.
+
+        An outage (server down or starting, network cut, no primary yet) is retried quietly; a
+        configuration error (a refused login, an unknown database, a TLS failure, a pooler
+        refusing a startup parameter) is named, with the variable to change, once per retry,
+        with a backoff up to CONFIG_BACKOFF[1], and /ready says it. In transaction mode the
+        listen connection must be usable first (ListenUnavailable: the worker does not start).
+        """
+        s = self.settings
+        log.info("database_connection", pool_mode=s.pool_mode,
+                 statement_cache=("off (transaction pooler)" if s.pool_mode == "transaction"
+                                  else "on"),
+                 hosts=[f"{h}:{p}" for h, p in s.endpoints],
+                 listen=("off (POLL_ONLY=true)" if s.poll_only
+                         else [f"{h}:{p}" for h, p in s.listen_endpoints]),
+                 target_session_attrs=s.target_session_attrs,
+                 connect_timeout_s=s.connect_timeout, **db.describe_tls(s))
         backoff = CONNECT_BACKOFF[0]
         while not self._stopping.is_set():
             try:
-                if self.settings.migrate_on_start:
-                    conn = await db.connect(self.settings, timeout=10)
+                if s.pool_mode == "transaction" and not s.poll_only:
+                    await self._transaction_mode_start()
+                elif s.migrate_on_start:
+                    conn = await db.connect(s, timeout=10)
                     try:
                         await migrate(conn)
                     finally:
                         await conn.close()
                 self.pool = await db.create_pool(
-                    self.settings, size=self.settings.prediction_concurrency + 3,
-                    init=self._track_connection)
+                    s, size=s.prediction_concurrency + 3, init=self._track_connection)
+                self.db_problem = None
                 return True
+            except ListenUnavailable:
+                raise
             except db.UNAVAILABLE as exc:
-                log.warning("database_unavailable", error=str(exc) or type(exc).__name__,
-                            retry_in_s=backoff)
+                cause = connect_errors.classify(exc)
+                self.db_problem = cause
+                self._update_ready()
+                if cause.transient:
+                    log.warning("database_unavailable", cause=cause.kind, error=cause.message,
+                                retry_in_s=backoff)
+                else:
+                    log.error("database_misconfigured", cause=cause.kind,
+                              error=cause.message, change=cause.variable, retry_in_s=backoff)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
-                backoff = next_backoff(backoff, CONNECT_BACKOFF)
+                backoff = next_backoff(
+                    backoff, CONNECT_BACKOFF if cause.transient else CONFIG_BACKOFF)
         return False
+
+    async def _transaction_mode_start(self) -> None:
+        """Behind a transaction pooler: the listen connection (a session of its own) must hear a
+        notification sent through the main connection, or the worker refuses to start; the
+        migrations take their session lock over it (never over the pooler)."""
+        s = self.settings
+        try:
+            listen = await db.connect(s, listen=True, timeout=10,
+                                      application_name="sensor-predictor-listener")
+        except ConnectFailed as exc:
+            if exc.cause.transient:
+                raise
+            raise ListenUnavailable(exc.cause, exc.tried) from exc
+        try:
+            heard = asyncio.Event()
+            await listen.add_listener(LISTEN_PROBE_CHANNEL, lambda *_a: heard.set())
+            sender = await db.connect(s, timeout=10, statement_cache_size=0)
+            try:
+                await sender.fetchval(db.queries()["listen_probe_notify"],
+                                      LISTEN_PROBE_CHANNEL, self.name)
+            finally:
+                await sender.close()
+            try:
+                await asyncio.wait_for(heard.wait(), timeout=LISTEN_PROBE_SECONDS)
+            except TimeoutError:
+                where = ", ".join(f"{h}:{p}" for h, p in s.listen_endpoints)
+                raise ListenUnavailable(connect_errors.config(
+                    "listen_deaf",
+                    f"the listen connection ({where}) did not hear a notification sent through "
+                    f"the main connection in {LISTEN_PROBE_SECONDS:g} s (is it the "
+                    "transaction pooler itself?)",
+                    "POSTGRES_LISTEN_HOST / POSTGRES_LISTEN_PORT")) from None
+            log.info("listen_connection_verified", hosts=s.listen_endpoints,
+                     encrypted=db.is_encrypted(listen))
+            if s.migrate_on_start:
+                log.info("migrations_over_listen_connection",
+                         note="transaction mode: the migration lock is a session lock, taken "
+                              "over the listen connection (a session of its own)")
+                await migrate(listen)
+        finally:
+            await listen.close()
 
     async def _track_connection(self, connection: asyncpg.Connection) -> None:
         self._connections[connection] = time.monotonic()

@@ -288,8 +288,14 @@ SELECT model_version, drift_score, peak_score, detection_time, ended_at
 -- The listener (listener.py) and the migration runner (migrate.py).
 
 -- name: heartbeat
--- The listen connection's keep-alive: a half-open connection never answers it.
-SELECT 1;
+-- The listen connection's keep-alive, and its proof that it listens: a half-open connection
+-- never answers; a session that lost its LISTEN (a transaction pooler handing each statement to
+-- another server session, a server restarted behind a pooler) shows no channels, or another pid.
+SELECT pg_backend_pid() AS pid, ARRAY(SELECT pg_listening_channels()) AS channels;
+
+-- name: listen_probe_notify
+-- A notification to the worker's own probe channel: the listen connection must hear it.
+SELECT pg_notify($1, $2);
 
 -- name: migration_lock_try
 -- A session lock: two replicas starting together apply each file once.
