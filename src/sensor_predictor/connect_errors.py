@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH
-_HOSTNAME_MISMATCH = 62
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def classify(exc: BaseException, where: str = "") -> Cause:
     lowered = text.lower()
     # -- TLS ------------------------------------------------------------------------------
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code == _HOSTNAME_MISMATCH:
+        if exc.verify_code in _NAME_MISMATCH or "mismatch" in str(exc.verify_message).lower():
             return config("tls_hostname_mismatch",
                           f"the server certificate{at} does not match the host name "
                           f"({exc.verify_message})", "POSTGRES_HOST or POSTGRES_SSLMODE")
@@ -102,18 +102,24 @@ def classify(exc: BaseException, where: str = "") -> Cause:
         return config("startup_parameter_refused",
                       f"the server{at} (a pooler) refused a startup parameter: {text}",
                       "PgBouncer's ignore_startup_parameters, or POSTGRES_HOST/POSTGRES_PORT")
-    if isinstance(exc, asyncpg.InvalidPasswordError) or "password authentication failed" in (
-            lowered):
+    if isinstance(exc, asyncpg.InvalidPasswordError) or "authentication failed" in lowered:
         return config("login_refused", f"the server{at} refused the login: {text}",
                       "POSTGRES_PASSWORD / POSTGRES_PASSWORD_FILE or POSTGRES_USER")
+    if re.search(r'role ".*" does not exist', lowered):
+        return config("unknown_role", f"the server{at} has no such role: {text}",
+                      "POSTGRES_USER")
+    if re.search(r'database ".*" does not exist', lowered):
+        return config("unknown_database", f"the server{at} has no such database: {text}",
+                      "POSTGRES_DB")
+    if "client certificate" in lowered:
+        return config("tls_client_certificate",
+                      f"the server{at} requires a valid client certificate: {text}",
+                      "POSTGRES_SSLCERT / POSTGRES_SSLKEY / POSTGRES_SSLPASSWORD_FILE")
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError) or "pg_hba" in lowered:
         if "pg_hba" in lowered and "no encryption" in lowered:
             return config("tls_required",
                           f"the server{at} requires TLS (its pg_hba.conf has no entry for an "
                           "unencrypted connection)", "POSTGRES_SSLMODE (require or verify-full)")
-        if re.search(r'role ".*" does not exist', lowered):
-            return config("unknown_role", f"the server{at} has no such role: {text}",
-                          "POSTGRES_USER")
         if "pg_hba" in lowered:
             return config("login_not_allowed",
                           f"the server{at} does not allow this login (pg_hba.conf): {text}",
