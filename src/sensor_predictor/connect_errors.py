@@ -132,6 +132,10 @@ def classify(exc: BaseException, where: str = "") -> Cause:
     if "no such user" in lowered:  # PgBouncer without the role in its auth_file
         return config("unknown_role", f"the pooler{at} has no such user: {text}",
                       "POSTGRES_USER, or the pooler's auth_file")
+    if isinstance(exc, asyncpg.InvalidSQLStatementNameError) and "__asyncpg_stmt" in text:
+        return config("transaction_pooler",
+                      f"a prepared statement vanished between two statements{at}: a "
+                      "transaction-mode pooler is in between", "POSTGRES_POOL_MODE=transaction")
     # -- what heals by itself -------------------------------------------------------------
     if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
         return outage("not_primary",

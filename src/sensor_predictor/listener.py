@@ -89,7 +89,10 @@ class Listener:
                 conn = await db.connect(
                     self._settings, listen=True,
                     timeout=max(2.0, self._settings.heartbeat_seconds),
-                    application_name="sensor-predictor-listener")
+                    application_name="sensor-predictor-listener",
+                    # One statement per heartbeat: no prepared statement to lose to a pooler
+                    # (its deafness is then what the heartbeat reports, not a missing statement).
+                    statement_cache_size=0)
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
                 for channel in CHANNELS:
                     await conn.add_listener(channel, self._notified)
