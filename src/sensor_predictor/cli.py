@@ -1,4 +1,5 @@
-"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, clusters, demo."""
+"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, reset-cursor, clusters,
+demo."""
 
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     rescore.add_argument("--to-id", type=int, default=None, help="up to this id (all)")
     rescore.add_argument("--batch-size", type=_positive_int, default=1000,
                          help="readings per transaction (1000)")
+
+    sub.add_parser("reset-cursor",
+                   help="re-anchor the scoring cursor (after moving the database by hand): "
+                        "readings with no result are swept once, then scoring goes on")
 
     sub.add_parser("clusters", help="show each model version's label -> stable cluster id "
                                     "mapping (aligned at its first use)")
@@ -161,6 +166,21 @@ async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reset_cursor(settings: Settings) -> int:
+    from sensor_predictor import db
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        top = await conn.fetchval(db.queries()["reset_cursor"])
+    finally:
+        await conn.close()
+    log.warning("cursor_reset", swept_up_to_id=top,
+                note="readings up to this id without a prediction or an error are handed out "
+                     "by the next claims, then the snapshot protocol resumes")
+    print(f"swept_up_to_id={top}", flush=True)
+    return 0
+
+
 async def _clusters(settings: Settings) -> int:
     from sensor_predictor import cluster_registry, db
 
@@ -221,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_simulate(settings, args))
         if args.command == "rescore":
             return asyncio.run(_rescore(settings, args))
+        if args.command == "reset-cursor":
+            return asyncio.run(_reset_cursor(settings))
         if args.command == "clusters":
             return asyncio.run(_clusters(settings))
         if args.command == "demo":

@@ -37,17 +37,22 @@ def queries() -> dict[str, str]:
 
 
 def sql_literal(text: str) -> str:
-    """A PostgreSQL string literal (standard_conforming_strings is on since PostgreSQL 9.1)."""
+    """A PostgreSQL string literal (standard_conforming_strings is on since PostgreSQL 9.1).
+    For the simulator's own values only: never for names that come from a model."""
     if "\x00" in text:
         raise ValueError("a feature name cannot contain a NUL character")
     return "'" + text.replace("'", "''") + "'"
 
 
 def read_range_query(feature_names: Sequence[str]) -> str:
-    """The batch read for one model: its features, in its order, extracted by PostgreSQL."""
+    """The batch read for one model: its features, in its order, extracted by PostgreSQL.
+
+    The statement takes the reading ids as $1 and the feature names as $2 (a text[]): the text
+    depends only on how many features there are, never on their names, so no name can change
+    what it means (whatever standard_conforming_strings says)."""
     q = queries()
-    features = ", ".join(q["feature_expression"].replace("{key}", sql_literal(name))
-                         for name in feature_names)
+    features = ", ".join(q["feature_expression"].replace("{i}", str(i))
+                         for i in range(1, len(feature_names) + 1))
     return q["read_range"].replace("{features}", features)
 
 
