@@ -105,3 +105,41 @@ async def test_a_worker_frozen_past_its_lease_loses_its_claim_and_its_late_resul
     assert await conn.fetchval("SELECT count(*) FROM scoring_claims") == 0
     print(f"takeover after SIGSTOP: {takeover_s:.2f} s (lease {LEASE} s); late results "
           f"discarded: {late:.0f}; readings: {written}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_an_orphan_is_taken_over_within_a_second_in_a_quiet_stream(
+        database: Database, conn: asyncpg.Connection, models: Models,
+        worker_factory: WorkerFactory) -> None:
+    """A session that claimed readings and ended (its lock gone): the worker's orphan timer
+    takes the claim over and writes it, with no new reading and no wake-up to prompt it."""
+    await activate_model(conn, *models.v1)
+    worker = worker_factory().start()
+    await worker.until_ready()
+    ids = await insert_readings(conn, [reading(i) for i in range(5)])
+    assert await wait_for(lambda: _scored(conn, ids), timeout=10)
+    # Someone else's claim, session-owned, left behind by a session that ends.
+    ghost = await database.connect()
+    late = await insert_readings(ghost, [reading(i) for i in range(3)])
+    # The worker may be woken by that insert: claim before it does, in the same transaction.
+    tx = ghost.transaction()
+    await tx.start()
+    orphaned = await ghost.fetchrow("SELECT claim_id, reading_ids FROM sp_claim('ghost', 10)")
+    await tx.commit()
+    if orphaned is None or orphaned["claim_id"] is None:
+        pytest.skip("the worker claimed the readings first")  # pragma: no cover
+    await asyncio.sleep(1.0)  # nothing happens while its owner lives
+    assert not await _scored(conn, late)
+    await ghost.close()
+    ended = time.monotonic()
+    assert await wait_for(lambda: _scored(conn, late), timeout=5, interval=0.01)
+    took = time.monotonic() - ended
+    assert took < 1.0, took
+    assert (worker.metric("sensor_claims_taken_over_total") or 0) == 1
+    print(f"orphan taken over and written {took:.3f} s after its session ended")
+
+
+async def _scored(conn: asyncpg.Connection, ids: list[int]) -> bool:
+    return int(await conn.fetchval(
+        "SELECT count(*) FROM predictions WHERE reading_id = ANY($1::bigint[])", ids)) == len(ids)

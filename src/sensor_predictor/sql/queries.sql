@@ -98,19 +98,24 @@ SELECT l.virtualtransaction AS vxid,
    AND l.mode = 'RowExclusiveLock' AND l.granted;
 
 -- name: read_range
--- {features} is filled with one feature_expression per model feature, in the model's order;
--- $2 is the feature names (text[]): no name is ever part of the SQL text.
+-- {features} is filled with one feature_expression per model feature, in the model's order,
+-- {keys} with one feature_key per feature (up to 1,600; a row has at most 1,664 columns):
+-- $2 is the feature names (text[]), picked out of the array once per statement, not per row.
+-- No name is ever part of the SQL text.
 -- age_seconds is measured with the database's clock, so client clock skew cannot bend latency.
 SELECT r.id,
        ARRAY[{features}]::float8[] AS features,
        extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
-  FROM readings r
+  FROM (SELECT {keys} OFFSET 0) k, readings r
  WHERE r.id = ANY($1::bigint[])
  ORDER BY r.id;
 
 -- name: feature_expression
--- {i}: the feature's position in $2 (1-based), an integer.
-(r."values" ->> ($2::text[])[{i}])::float8
+-- {key}: k.k<i> (a feature_key), or ($2::text[])[<i>] beyond 1,600 features.
+(r."values" ->> {key})::float8
+
+-- name: feature_key
+($2::text[])[{i}] AS k{i}
 
 -- name: read_range_raw
 -- The slow path, for a range whose features PostgreSQL could not cast (a non-numeric string,
