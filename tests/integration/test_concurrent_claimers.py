@@ -1,5 +1,6 @@
 """Many claimers at once, in SQL: sessions that claim (session locks and leases side by side),
-take orphans over, die holding claims, and wait on each other's locks, while writers commit,
+take orphans over, die holding claims, freeze past their lease and write late, and wait on
+each other's locks, while writers commit,
 abort and hold transactions open in random order. What sp_claim hands out is disjoint and
 complete, and exactly one result statement per reading writes (late owners write nothing)."""
 
@@ -113,7 +114,10 @@ async def test_concurrent_claimers_hand_out_disjoint_complete_sets_and_write_onc
                 await cl.die()  # with the claim
                 deaths += 1
                 continue
-            await asyncio.sleep(cl.rnd.uniform(0, 0.01))
+            if cl.lease is not None and cl.rnd.random() < 0.08:
+                await asyncio.sleep(LEASE * 2)  # frozen past its lease: others take it over
+            else:
+                await asyncio.sleep(cl.rnd.uniform(0, 0.01))
             if await _write(c, claim_id, ids, token):
                 written.extend(ids)
             else:
@@ -146,6 +150,6 @@ async def test_concurrent_claimers_hand_out_disjoint_complete_sets_and_write_onc
     assert sorted(written) == sorted(committed)
     assert await conn.fetchval("SELECT sp_backlog()") == 0
     assert await conn.fetchval("SELECT count(*) FROM predictions") == len(committed)
-    assert taken_over > 0 and deaths > 0
+    assert taken_over > 0 and deaths > 0 and late > 0
     print(f"committed {len(committed)}, claims taken over {taken_over}, deaths {deaths}, "
           f"late results {late}")
