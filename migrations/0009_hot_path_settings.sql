@@ -20,7 +20,7 @@ BEGIN
         SELECT p.oid::regprocedure
         FROM pg_proc p
         WHERE p.pronamespace = current_schema()::regnamespace
-          AND p.proname IN ('sp_claim', 'sp_claim_read', 'sp_take_orphan')
+          AND p.proname IN ('sp_claim', 'sp_claim_next', 'sp_claim_read', 'sp_take_orphan')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET jit = off SET max_parallel_workers_per_gather = 0',
                        f);

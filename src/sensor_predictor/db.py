@@ -44,18 +44,33 @@ def queries() -> dict[str, str]:
 
 
 def sql_literal(text: str) -> str:
-    """A PostgreSQL string literal (standard_conforming_strings is on since PostgreSQL 9.1)."""
+    """A PostgreSQL string literal (standard_conforming_strings is on since PostgreSQL 9.1).
+    For the simulator's own values only: never for names that come from a model."""
     if "\x00" in text:
         raise ValueError("a feature name cannot contain a NUL character")
     return "'" + text.replace("'", "''") + "'"
 
 
+# Feature names picked out of the $2 array once per statement (as columns of a one-row
+# subquery); beyond this many, per row (a row has at most 1,664 columns).
+KEYS_AS_COLUMNS = 1600
+
+
 def read_range_query(feature_names: Sequence[str]) -> str:
-    """The batch read for one model: its features, in its order, extracted by PostgreSQL."""
+    """The batch read for one model: its features, in its order, extracted by PostgreSQL.
+
+    The statement takes the reading ids as $1 and the feature names as $2 (a text[]): the text
+    depends only on how many features there are, never on their names, so no name can change
+    what it means (whatever standard_conforming_strings says)."""
     q = queries()
-    features = ", ".join(q["feature_expression"].replace("{key}", sql_literal(name))
-                         for name in feature_names)
-    return q["read_range"].replace("{features}", features)
+    n = len(feature_names)
+    columns = min(n, KEYS_AS_COLUMNS)
+    keys = ", ".join(q["feature_key"].replace("{i}", str(i)) for i in range(1, columns + 1))
+    features = ", ".join(
+        q["feature_expression"].replace(
+            "{key}", f"k.k{i}" if i <= KEYS_AS_COLUMNS else f"($2::text[])[{i}]")
+        for i in range(1, n + 1))
+    return q["read_range"].replace("{features}", features).replace("{keys}", keys or "1 AS k0")
 
 
 def _tls_file_problem(settings: Settings) -> Cause | None:

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -35,8 +36,12 @@ from sensor_predictor.scoring import (
     PROGRESS,
     BatchResult,
     Claim,
+    Ownership,
     claim_and_read,
     claim_next,
+    find_orphans,
+    release_lock,
+    renew_leases,
     score_claim,
     take_orphan,
 )
@@ -49,9 +54,12 @@ BACKLOG_REFRESH_SECONDS = 5.0
 # 30 s after the first model is served, MLflow and scikit-learn are imported in the background
 # (a restart from the model cache needs neither; a later swap to an uncached model does).
 WARM_UP_DELAY_SECONDS = 30.0
-# How often a lane looks for claims whose worker's session has ended (a free advisory lock; one
-# cheap scan of the few claims in flight). A lane also looks when it starts.
+# How often the orphan timer looks for claims whose owner is gone (a free advisory lock, an
+# expired lease), in a quiet stream too: index probes over the claims it has not seen yet and
+# those it saw alive. Every ORPHAN_FULL_LOOK_SECONDS it looks at every claim (a claim committed
+# out of id order is found then).
 ORPHAN_CHECK_SECONDS = 0.25
+ORPHAN_FULL_LOOK_SECONDS = 10.0
 # Behind (the last claim came back full), a lane doubles its claim up to this many times
 # PREDICTION_BATCH_SIZE: a backlog drains in fewer, larger batches (each batch costs ~8 round
 # trips whatever its size); caught up, it is back to PREDICTION_BATCH_SIZE.
@@ -100,7 +108,12 @@ class Worker:
             weakref.WeakKeyDictionary())
         self._lost_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
-        self._next_orphan_check = 0.0  # time.monotonic(); 0: look at the first chance
+        # Claims the orphan timer found takeable; the lanes take them over.
+        self._orphans: set[int] = set()
+        # Claims this worker is scoring (their leases are renewed in transaction mode).
+        self._in_flight: set[int] = set()
+        self.lease_seconds = (settings.claim_lease_seconds if settings.pool_mode == "transaction"
+                              else None)
         self._warm_up: asyncio.Task[None] | None = None
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
         self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
@@ -231,7 +244,11 @@ class Worker:
                 asyncio.create_task(self._poll(), name="poll"),
                 asyncio.create_task(self._watch_backlog(), name="backlog"),
                 asyncio.create_task(self.shadow.run(self.pool), name="shadow"),
+                asyncio.create_task(self._watch_orphans(), name="orphans"),
             ]
+            if self.lease_seconds is not None:
+                self._tasks.append(
+                    asyncio.create_task(self._renew_leases(self.lease_seconds), name="leases"))
             if self.settings.poll_only:
                 log.warning("poll_only", interval_s=self.settings.inference_interval_seconds,
                             note="POLL_ONLY=true: no LISTEN; new readings wait for the next poll")
@@ -478,63 +495,131 @@ class Worker:
         assert self.pool is not None
         size = self.settings.prediction_batch_size
         scored = 0
-        # One connection for the whole pass: a release per batch costs a reset round trip. The
-        # claim's advisory lock belongs to this session; the next claim releases it.
+        own = Ownership(self.lease_seconds, None, self._reanchored)
+        # One connection for the whole pass: a release per batch costs a reset round trip. In
+        # session mode a claim's advisory lock belongs to this session; the next claim call
+        # releases it (own.release), or the end of the pass does.
         async with self.pool.acquire() as conn:
-            while not self._stopping.is_set():
-                model = self.holder.current
-                if model is None:
-                    return  # no model yet: readings wait, nothing is claimed
-                claim: Claim | None = None
-                # Orphans are looked for once new work is handed out, so that a wake-up's
-                # readings never wait for the look (and during a long pass, when it is due).
-                if scored and self._orphan_check_due():
-                    claim = await self._take_orphan(conn)
-                if claim is None:
-                    # Caught up, the read comes with the claim (one round trip less, for
-                    # latency); behind, it comes after the claim's commit, so that the cursor
-                    # row is not locked while a large batch is read and other lanes can claim.
-                    handed = (await claim_and_read(conn, self.name, size, model)
-                              if size <= self.settings.prediction_batch_size
-                              else await claim_next(conn, self.name, size))
-                    if handed is PROGRESS:  # only already-scored adopted rows: behind
-                        size = next_batch_size(size, size, self.settings.prediction_batch_size)
+            try:
+                while not self._stopping.is_set():
+                    model = self.holder.current
+                    if model is None:
+                        return  # no model yet: readings wait, nothing is claimed
+                    claim: Claim | None = None
+                    # Orphans the timer found are taken once new work is handed out, so that a
+                    # wake-up's readings never wait for them.
+                    if scored and self._orphans:
+                        claim, own = await self._take_orphan(conn, own)
+                    if claim is None:
+                        # Caught up, the read comes with the claim (one round trip less, for
+                        # latency); behind, it comes after the claim's commit, so that the
+                        # cursor row is not locked while a large batch is read and other lanes
+                        # can claim.
+                        handed = (await claim_and_read(conn, self.name, size, model, own)
+                                  if size <= self.settings.prediction_batch_size
+                                  else await claim_next(conn, self.name, size, own))
+                        own = replace(own, release=None)
+                        if handed is PROGRESS:  # only already-scored rows: behind
+                            size = next_batch_size(size, size,
+                                                   self.settings.prediction_batch_size)
+                            continue
+                        if handed is None:
+                            if not self._orphans:
+                                return
+                            claim, own = await self._take_orphan(conn, own)
+                            if claim is None:
+                                return
+                        else:
+                            assert isinstance(handed, Claim)
+                            claim = handed
+                    self._in_flight.add(claim.claim_id)
+                    try:
+                        result = await score_claim(conn, claim, model)
+                    finally:
+                        self._in_flight.discard(claim.claim_id)
+                    if claim.locked:
+                        own = replace(own, release=claim.claim_id)
+                    scored += 1
+                    if result is None:
+                        self._late(claim)
                         continue
-                    if handed is None:
-                        if not self._orphan_check_due():
-                            return
-                        claim = await self._take_orphan(conn)
-                        if claim is None:
-                            return
-                    else:
-                        assert isinstance(handed, Claim)
-                        claim = handed
-                result = await score_claim(conn, claim, model)
-                scored += 1
-                if result is not None:
                     self._record(result)
                     size = next_batch_size(size, size if claim.full else result.size,
                                            self.settings.prediction_batch_size)
+            finally:
+                if own.release is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await release_lock(conn, own.release)
 
-    def _orphan_check_due(self) -> bool:
-        """At most one look for orphaned claims every ORPHAN_CHECK_SECONDS, across lanes."""
-        now = time.monotonic()
-        if now < self._next_orphan_check:
-            return False
-        self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
-        return True
-
-    async def _take_orphan(self, conn: asyncpg.Connection) -> Claim | None:
-        taken = await take_orphan(conn, self.name, self.settings.claim_orphan_seconds)
+    async def _take_orphan(self, conn: asyncpg.Connection, own: Ownership
+                           ) -> tuple[Claim | None, Ownership]:
+        """One of the orphans the timer found, taken over by this lane (None: all gone)."""
+        taken = await take_orphan(conn, self.name, self.settings.claim_orphan_seconds,
+                                  sorted(self._orphans), own)
+        own = replace(own, release=None)
         if taken is None:
-            return None
+            self._orphans.clear()  # taken by others, or written meanwhile
+            return None, own
         claim, age = taken
-        self._next_orphan_check = 0.0  # there may be more
+        self._orphans.discard(claim.claim_id)
         self.metrics.claims_taken_over.inc({})
         log.warning("orphan_claim_recovered", claim=claim.claim_id,
                     readings=len(claim.reading_ids), previous_worker=claim.previous_worker,
                     claim_age_s=round(age, 3))
-        return claim
+        return claim, own
+
+    def _late(self, claim: Claim) -> None:
+        """The claim was taken over (or written) by another while we scored it: our results
+        were not written."""
+        self.metrics.claim_late_results.add({}, len(claim.reading_ids))
+        log.warning("claim_results_discarded", claim=claim.claim_id,
+                    readings=len(claim.reading_ids),
+                    note="the claim was taken over while this worker scored it (its lease "
+                         "expired, or its session looked gone): the new owner writes them")
+
+    def _reanchored(self, reason: str) -> None:
+        self.metrics.cursor_reanchors.inc({})
+        log.error("cursor_reanchored", reason=reason,
+                  note="the database moved (another cluster, or a transaction counter behind "
+                       "the cursor): readings without a result are swept by id, then the "
+                       "snapshot protocol resumes; nothing is skipped, nothing scored twice")
+
+    async def _watch_orphans(self) -> None:
+        """The orphan timer: every ORPHAN_CHECK_SECONDS, claims whose owner is gone are found
+        and a pass is started to take them over, in a quiet stream too."""
+        assert self.pool is not None
+        after, known = 0, list[int]()
+        full_at = 0.0
+        while True:
+            await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+            if self.holder.current is None:
+                continue
+            now = time.monotonic()
+            if now >= full_at:
+                after, known, full_at = 0, [], now + ORPHAN_FULL_LOOK_SECONDS
+            try:
+                found = await find_orphans(self.pool, after, known,
+                                           self.settings.claim_orphan_seconds)
+            except db.UNAVAILABLE:
+                continue
+            after = max([after, *(i for i, _ in found)])
+            known = [i for i, orphan in found if not orphan]
+            orphans = {i for i, orphan in found if orphan}
+            if orphans:
+                self._orphans |= orphans
+                known += sorted(orphans)  # looked at again until they are gone
+                self.wake("orphan")
+
+    async def _renew_leases(self, lease_seconds: float) -> None:
+        """Transaction mode: the leases of the claims being scored, renewed three times a lease,
+        however long a batch takes."""
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(lease_seconds / 3)
+            if self._in_flight:
+                with contextlib.suppress(*db.UNAVAILABLE):
+                    await renew_leases(self.pool, self.name, lease_seconds,
+                                       sorted(self._in_flight))
 
     def _record(self, result: BatchResult) -> None:
         model = result.model
