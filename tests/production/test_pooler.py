@@ -55,7 +55,11 @@ def session_pool(chaos_pg: PgServer) -> Iterator[PgBouncer]:
 
 @pytest.fixture(scope="module")
 def transaction_pool(chaos_pg: PgServer) -> Iterator[PgBouncer]:
-    bouncer = start_pgbouncer(chaos_pg, "transaction", pool_size=2)
+    # As docs/production-postgres.md advises for transaction mode: a client frozen inside a
+    # transaction (SIGSTOP, a long GC pause) holds a server connection and its row locks; the
+    # pooler cuts it after idle_transaction_timeout, so that others and the lease takeover go on.
+    bouncer = start_pgbouncer(chaos_pg, "transaction", pool_size=2,
+                              settings={"idle_transaction_timeout": "3"})
     yield bouncer
     bouncer.stop()
 
@@ -213,3 +217,92 @@ async def test_login_errors_are_named_not_retried(
     assert events and {e["event"] for e in events} == {"database_misconfigured"}, events
     delays = [e["retry_in_s"] for e in events]
     assert delays == sorted(delays) and len(delays) < 10, delays  # backing off
+
+
+ADVISORY_LOCKS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                  "(SELECT oid FROM pg_database WHERE datname = current_database())")
+LEASE = 2.0
+
+
+async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_and_freeze(
+        chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
+        workers: Workers, transaction_pool: PgBouncer, report: Any) -> None:
+    """Two workers through the transaction pool (2 server connections for ~10 clients), LISTEN
+    direct, migrations on start (over the listen connection): a SIGKILL and a restart, then a
+    worker frozen (SIGSTOP) longer than its lease: its claim is taken over, its late results
+    are discarded and counted, every reading scored exactly once, no advisory lock left."""
+    conn = chaos_conn
+    await activate_model(conn, *chaos_models.v1)
+    env = {**transaction_pool.env(chaos_db.name), "POSTGRES_POOL_MODE": "transaction",
+           "POSTGRES_LISTEN_HOST": chaos_db.server.host,
+           "POSTGRES_LISTEN_PORT": str(chaos_db.server.port),
+           "CLAIM_LEASE_SECONDS": str(LEASE), "PREDICTION_CONCURRENCY": "2"}
+    a, b = workers.make(**env), workers.make(**env)
+    a.start(), b.start()
+    await asyncio.gather(a.until_ready(within=120), b.until_ready(within=120))
+    for w in (a, b):
+        names = {e.get("event") for e in w.events()}
+        assert {"listen_connection_verified", "migrations_over_listen_connection"} <= names
+    locks_seen: list[int] = []
+    machine = await machine_id(conn)
+    async with StreamWriter(chaos_db.server, chaos_db.name, rows=20, pause=0.01) as writer:
+        await asyncio.sleep(1.0)
+        # 1. SIGKILL of a worker holding a claim, and its restart.
+        await conn.fetch(INSERT, BURST, machine)
+        await wait_until(lambda: _own_claim(conn, a), "a claim held by the worker to kill",
+                         timeout=30, interval=0.005)
+        a.signal(signal.SIGKILL)
+        a.wait(10)
+        a.start()
+        await a.until_ready(within=120)
+        locks_seen.append(int(await conn.fetchval(ADVISORY_LOCKS)))
+        # 2. SIGSTOP longer than the lease while it holds a claim.
+        await conn.fetch(INSERT, BURST, machine)
+        mine = f"%:{b.pid}:%"
+        claim_id = None
+        for _ in range(400):
+            b.signal(signal.SIGSTOP)
+            await asyncio.sleep(0.05)
+            claim_id = await conn.fetchval(
+                "SELECT id FROM scoring_claims WHERE worker LIKE $1", mine)
+            if claim_id is not None:
+                break
+            b.signal(signal.SIGCONT)
+            await asyncio.sleep(0.01)
+        assert claim_id is not None, "never caught the worker with a claim in flight"
+        frozen_at = time.monotonic()
+        try:
+            async def taken_over() -> bool:
+                owner = await conn.fetchval("SELECT worker FROM scoring_claims WHERE id = $1",
+                                            claim_id)
+                return owner is None or f":{b.pid}:" not in owner
+
+            assert await wait_for(taken_over, timeout=LEASE + 15, interval=0.02), (
+                transaction_pool.log()[-3000:], a.tail(3000))
+            takeover_s = time.monotonic() - frozen_at
+            locks_seen.append(int(await conn.fetchval(ADVISORY_LOCKS)))
+            await asyncio.sleep(0.5)
+        finally:
+            b.signal(signal.SIGCONT)
+        await asyncio.sleep(1.0)
+        stats = await writer.stop()
+    assert await wait_settled(conn, timeout=120), (a.tail(), b.tail())
+    outcome = await check_invariant(conn, served(chaos_models.v1))
+
+    async def late_counted() -> float:
+        return await asyncio.to_thread(b.metric, "sensor_claim_late_results_total") or 0.0
+
+    late = await wait_for(late_counted, timeout=15, interval=0.2)
+    assert late and late > 0, b.tail()
+    assert max(locks_seen) == 0 and await conn.fetchval(ADVISORY_LOCKS) == 0, locks_seen
+    notified = total([a, b], "sensor_wakeups_total", 'cause="notification"')
+    taken = total([a, b], "sensor_claims_taken_over_total")
+    assert notified > 0 and taken >= 1, (notified, taken)
+    for w in (a, b):
+        events = {e.get("event") for e in w.events()}
+        assert "listener_deaf" not in events
+    report(scenario="PgBouncer transaction, LISTEN direct: kill, restart, freeze",
+           runs=1, readings=stats.committed + 2 * len(BURST), lost=outcome.lost,
+           duplicated=outcome.duplicated, recovery=f"takeover {takeover_s:.1f} s",
+           detail=f"lease {LEASE:g} s, late results discarded {late:.0f}, notification "
+                  f"wake-ups {notified:.0f}, claims taken over {taken:.0f}")

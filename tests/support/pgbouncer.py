@@ -50,9 +50,11 @@ class PgBouncer:
 
 
 def start_pgbouncer(server: PgServer, mode: str, pool_size: int = 2,
-                    users: tuple[str, ...] = ("postgres",)) -> PgBouncer:
+                    users: tuple[str, ...] = ("postgres",),
+                    settings: dict[str, str] | None = None) -> PgBouncer:
     """PgBouncer in `mode` (session | transaction) in front of `server`, every database, trust
-    authentication for `users`, `pool_size` server connections per database and user."""
+    authentication for `users`, `pool_size` server connections per database and user, and
+    `settings` (pgbouncer.ini names) on top."""
     if not Path(PGBOUNCER).exists():
         raise RuntimeError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     folder = Path(tempfile.mkdtemp(prefix=f"sp-pgbouncer-{mode}-"))
@@ -79,7 +81,7 @@ server_check_delay = 1
 query_wait_timeout = 60
 logfile = {folder}/pgbouncer.log
 pidfile = {folder}/pgbouncer.pid
-""")
+""" + "".join(f"{k} = {v}\n" for k, v in (settings or {}).items()))
     run_as: list[str] = []
     if os.geteuid() == 0:  # PgBouncer refuses to run as root
         shutil.chown(folder, SERVER_ACCOUNT, SERVER_ACCOUNT)
