@@ -29,7 +29,7 @@ from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavaila
 from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
-from sensor_predictor.migrate import migrate
+from sensor_predictor.migrate import load_migrations, migrate
 from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_holder import LoadedModel, ModelHolder, configure_mlflow
 from sensor_predictor.scoring import (
@@ -233,11 +233,15 @@ class Worker:
                 if not await self._connect():
                     return 0
             except ListenUnavailable as exc:
-                log.error("listen_connection_unusable", cause=exc.cause.kind,
-                          error=exc.cause.line(),
-                          note="POSTGRES_POOL_MODE=transaction: the worker does not run deaf; "
-                               "set POSTGRES_LISTEN_HOST/POSTGRES_LISTEN_PORT to the server or a "
-                               "session-mode pool, or POLL_ONLY=true to wake by polling only")
+                if exc.cause.kind == "migrations_pending":
+                    log.error("cannot_start", cause=exc.cause.kind, error=exc.cause.line())
+                else:
+                    log.error("listen_connection_unusable", cause=exc.cause.kind,
+                              error=exc.cause.line(),
+                              note="POSTGRES_POOL_MODE=transaction: the worker does not run "
+                                   "deaf; set POSTGRES_LISTEN_HOST/POSTGRES_LISTEN_PORT to the "
+                                   "server or a session-mode pool, or POLL_ONLY=true to wake "
+                                   "by polling only")
                 return EXIT_CONFIG
             self._tasks = [
                 asyncio.create_task(self._watch_model(), name="model"),
@@ -283,6 +287,8 @@ class Worker:
             try:
                 if s.pool_mode == "transaction" and not s.poll_only:
                     await self._transaction_mode_start()
+                elif s.pool_mode == "transaction" and s.migrate_on_start:
+                    await self._check_migrated_through_pooler()
                 elif s.migrate_on_start:
                     conn = await db.connect(s, timeout=10)
                     try:
@@ -310,6 +316,30 @@ class Worker:
                 backoff = next_backoff(
                     backoff, CONNECT_BACKOFF if cause.transient else CONFIG_BACKOFF)
         return False
+
+    async def _check_migrated_through_pooler(self) -> None:
+        """Transaction mode without a listen connection (POLL_ONLY): the migration lock is a
+        session lock, which a transaction pooler cannot keep. Skipped when every migration is
+        applied already (the log says so); otherwise the worker does not start."""
+        conn = await db.connect(self.settings, timeout=10, statement_cache_size=0)
+        try:
+            try:
+                applied = {r["version"] for r in await conn.fetch(
+                    db.queries()["migrations_applied"])}
+            except asyncpg.UndefinedTableError:
+                applied = set()
+        finally:
+            await conn.close()
+        pending = [m.version for m in load_migrations() if m.version not in applied]
+        if pending:
+            raise ListenUnavailable(connect_errors.config(
+                "migrations_pending",
+                f"migrations {pending} are not applied, and a transaction pooler cannot hold "
+                "the migration lock (POLL_ONLY=true: no listen connection to take it over)",
+                "run `sensor-predictor migrate` against the server itself, or set "
+                "POSTGRES_LISTEN_HOST"))
+        log.info("migrations_skipped", reason="transaction mode, poll only: every migration "
+                 "is applied already", version=max(applied, default=0))
 
     async def _transaction_mode_start(self) -> None:
         """Behind a transaction pooler: the listen connection (a session of its own) must hear a

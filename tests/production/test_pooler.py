@@ -306,3 +306,23 @@ async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_a
            duplicated=outcome.duplicated, recovery=f"takeover {takeover_s:.1f} s",
            detail=f"lease {LEASE:g} s, late results discarded {late:.0f}, notification "
                   f"wake-ups {notified:.0f}, claims taken over {taken:.0f}")
+
+
+async def test_poll_only_through_the_transaction_pool(
+        chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
+        workers: Workers, transaction_pool: PgBouncer) -> None:
+    """The documented exception: POLL_ONLY=true, no listen connection at all. Migrations are
+    checked through the pooler and skipped (all applied; the log says so), and readings are
+    scored by polling."""
+    await activate_model(chaos_conn, *chaos_models.v1)
+    worker = workers.start(**transaction_pool.env(chaos_db.name),
+                           POSTGRES_POOL_MODE="transaction", POLL_ONLY="true",
+                           INFERENCE_INTERVAL_SECONDS="1")
+    state = await worker.until_ready(within=120)
+    assert state.get("poll_only") is True, state
+    await chaos_conn.fetch(INSERT, GOOD_ROWS[:50], await machine_id(chaos_conn))
+    assert await wait_settled(chaos_conn, timeout=30), worker.tail()
+    await check_invariant(chaos_conn, served(chaos_models.v1))
+    events = {e.get("event") for e in worker.events()}
+    assert {"migrations_skipped", "poll_only"} <= events and "listening" not in events
+    assert (worker.metric("sensor_wakeups_total", 'cause="poll"') or 0) > 0
