@@ -182,7 +182,7 @@ class Worker:
         }
         # Which part is missing, in words.
         missing: dict[str, str] = {}
-        if self.pool is None:
+        if self.pool is None or self.db_problem is not None:
             missing["database"] = (self.db_problem.line() if self.db_problem is not None
                                    else "not connected yet")
         if not listening:
@@ -195,7 +195,7 @@ class Worker:
         if self.settings.poll_only:
             detail["poll_only"] = True
         ready = (listening and self.pool is not None and model is not None
-                 and not self._stopping.is_set())
+                 and self.db_problem is None and not self._stopping.is_set())
         return ready, detail
 
     def snapshot(self) -> WorkerSnapshot:
@@ -507,6 +507,22 @@ class Worker:
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
+                if self.db_problem is not None:
+                    self.db_problem = None
+                    self._update_ready()
+                continue
+            cause = (connect_errors.classify(failure)
+                     if isinstance(failure, (*db.UNAVAILABLE, asyncpg.PostgresError)) else None)
+            if cause is not None and not cause.transient:
+                # A new pooled connection refused (a password rotated, a pooler reconfigured):
+                # named, on /ready too, and retried with a longer backoff.
+                self.db_problem = cause
+                self._update_ready()
+                log.error("database_misconfigured", cause=cause.kind, error=cause.message,
+                          change=cause.variable, retry_in_s=backoff)
+                await _wait_any(self._stopping, timeout=backoff)
+                backoff = next_backoff(backoff, CONFIG_BACKOFF)
+                self.wake("retry")
                 continue
             if isinstance(failure, db.UNAVAILABLE):
                 self.metrics.db_reconnects.inc({"connection": "pool"})
