@@ -75,6 +75,19 @@ async def _own_claim(conn: asyncpg.Connection, worker: WorkerProcess) -> bool:
         "SELECT count(*) FROM scoring_claims WHERE worker LIKE $1", f"%:{worker.pid}:%"))
 
 
+async def _stop_holding_a_claim(conn: asyncpg.Connection, worker: WorkerProcess) -> None:
+    """SIGSTOP the worker at a moment it holds a claim (its claim row is there while it is
+    stopped: a kill then leaves it behind for the others to take over)."""
+    for _ in range(400):
+        worker.signal(signal.SIGSTOP)
+        await asyncio.sleep(0.05)  # a statement already sent completes meanwhile
+        if await _own_claim(conn, worker):
+            return
+        worker.signal(signal.SIGCONT)
+        await asyncio.sleep(0.01)
+    raise AssertionError("never caught the worker with a claim in flight")
+
+
 async def test_session_mode_two_workers_a_sigkill_and_a_restart(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, session_pool: PgBouncer, report: Any) -> None:
@@ -87,18 +100,26 @@ async def test_session_mode_two_workers_a_sigkill_and_a_restart(
     async with StreamWriter(chaos_db.server, chaos_db.name, rows=20, pause=0.01) as writer:
         await asyncio.sleep(1.0)
         await conn.fetch(INSERT, BURST, await machine_id(conn))  # batches in flight
-        await wait_until(lambda: _own_claim(conn, a), "a claim held by the worker to kill",
-                         timeout=30, interval=0.005)
+        await _stop_holding_a_claim(conn, a)
         a.signal(signal.SIGKILL)
         a.wait(10)
         killed_at = time.monotonic()
         a.start()
         await a.until_ready(within=120)
         restarted = time.monotonic() - killed_at
-        await asyncio.sleep(1.0)
+        # A model swap, announced by NOTIFY through the pooler's sessions.
+        await activate_model(conn, *chaos_models.v2)
+
+        async def swapped() -> bool:
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM predictions WHERE model_version = $1",
+                str(chaos_models.v2[1])))
+
+        await wait_until(swapped, "predictions of the swapped-in model", timeout=60)
+        await asyncio.sleep(0.5)
         stats = await writer.stop()
     assert await wait_settled(conn, timeout=120), (a.tail(), b.tail())
-    outcome = await check_invariant(conn, served(chaos_models.v1))
+    outcome = await check_invariant(conn, served(chaos_models.v1, chaos_models.v2))
     notified = total([a, b], "sensor_wakeups_total", 'cause="notification"')
     taken_over = total([a, b], "sensor_claims_taken_over_total")
     assert notified > 0, "no wake-up came by notification through the pooler"
@@ -107,7 +128,8 @@ async def test_session_mode_two_workers_a_sigkill_and_a_restart(
     report(scenario="PgBouncer session: 2 workers, SIGKILL + restart", runs=1,
            readings=stats.committed + len(BURST), lost=outcome.lost,
            duplicated=outcome.duplicated, recovery=f"{restarted:.1f} s to ready",
-           detail=f"notification wake-ups {notified:.0f}, claims taken over {taken_over:.0f}")
+           detail=f"notification wake-ups {notified:.0f}, claims taken over {taken_over:.0f}, "
+                  "a model swap")
 
 
 async def test_transaction_mode_without_a_listen_connection_refuses_to_start(
@@ -249,8 +271,7 @@ async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_a
         await asyncio.sleep(1.0)
         # 1. SIGKILL of a worker holding a claim, and its restart.
         await conn.fetch(INSERT, BURST, machine)
-        await wait_until(lambda: _own_claim(conn, a), "a claim held by the worker to kill",
-                         timeout=30, interval=0.005)
+        await _stop_holding_a_claim(conn, a)
         a.signal(signal.SIGKILL)
         a.wait(10)
         a.start()
