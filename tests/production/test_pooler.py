@@ -56,10 +56,12 @@ def session_pool(chaos_pg: PgServer) -> Iterator[PgBouncer]:
 @pytest.fixture(scope="module")
 def transaction_pool(chaos_pg: PgServer) -> Iterator[PgBouncer]:
     # As docs/production-postgres.md advises for transaction mode: a client frozen inside a
-    # transaction (SIGSTOP, a long GC pause) holds a server connection and its row locks; the
-    # pooler cuts it after idle_transaction_timeout, so that others and the lease takeover go on.
+    # transaction or between the messages of one statement (SIGSTOP, a long pause) holds a
+    # server connection, and maybe row locks; the pooler cuts it (idle_transaction_timeout,
+    # query_timeout), so that the others and the lease takeover go on.
     bouncer = start_pgbouncer(chaos_pg, "transaction", pool_size=2,
-                              settings={"idle_transaction_timeout": "3"})
+                              settings={"idle_transaction_timeout": "3",
+                                        "query_timeout": "5"})
     yield bouncer
     bouncer.stop()
 
@@ -88,6 +90,7 @@ async def _stop_holding_a_claim(conn: asyncpg.Connection, worker: WorkerProcess)
     raise AssertionError("never caught the worker with a claim in flight")
 
 
+@pytest.mark.timeout(600)
 async def test_session_mode_two_workers_a_sigkill_and_a_restart(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, session_pool: PgBouncer, report: Any) -> None:
@@ -132,6 +135,7 @@ async def test_session_mode_two_workers_a_sigkill_and_a_restart(
                   "a model swap")
 
 
+@pytest.mark.timeout(300)
 async def test_transaction_mode_without_a_listen_connection_refuses_to_start(
         chaos_db: Database, workers: Workers, transaction_pool: PgBouncer) -> None:
     """POSTGRES_POOL_MODE=transaction and the LISTEN connection left at its default (the
@@ -147,6 +151,7 @@ async def test_transaction_mode_without_a_listen_connection_refuses_to_start(
     assert start["pool_mode"] == "transaction" and "off" in start["statement_cache"]
 
 
+@pytest.mark.timeout(300)
 async def test_a_listener_behind_a_transaction_pool_is_found_deaf(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, transaction_pool: PgBouncer) -> None:
@@ -190,6 +195,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           env={**base, **env}, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.timeout(300)
 async def test_login_errors_are_named_not_retried(
         chaos_db: Database, login_role: LoginRole, session_pool: PgBouncer, workers: Workers,
         tmp_path: Path) -> None:
@@ -246,6 +252,7 @@ ADVISORY_LOCKS = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND
 LEASE = 2.0
 
 
+@pytest.mark.timeout(600)
 async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_and_freeze(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, transaction_pool: PgBouncer, report: Any) -> None:
@@ -298,8 +305,16 @@ async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_a
                                             claim_id)
                 return owner is None or f":{b.pid}:" not in owner
 
-            assert await wait_for(taken_over, timeout=LEASE + 15, interval=0.02), (
-                transaction_pool.log()[-3000:], a.tail(3000))
+            if not await wait_for(taken_over, timeout=LEASE + 15, interval=0.02):
+                sessions = await conn.fetch(
+                    "SELECT pid, application_name, state, wait_event_type, wait_event,"
+                    " left(query, 120) AS query, now() - xact_start AS xact_age"
+                    " FROM pg_stat_activity WHERE datname = current_database()")
+                claims = await conn.fetch("SELECT * FROM scoring_claims")
+                raise AssertionError(
+                    f"claim {claim_id} not taken over:\n" + "\n".join(map(str, sessions))
+                    + "\n" + "\n".join(map(str, claims)) + "\n"
+                    + transaction_pool.log()[-2000:])
             takeover_s = time.monotonic() - frozen_at
             locks_seen.append(int(await conn.fetchval(ADVISORY_LOCKS)))
             await asyncio.sleep(0.5)
@@ -329,6 +344,7 @@ async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_a
                   f"wake-ups {notified:.0f}, claims taken over {taken:.0f}")
 
 
+@pytest.mark.timeout(300)
 async def test_poll_only_through_the_transaction_pool(
         chaos_db: Database, chaos_conn: asyncpg.Connection, chaos_models: Models,
         workers: Workers, transaction_pool: PgBouncer) -> None:

@@ -61,6 +61,7 @@ def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
                           env={**base, **env}, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.timeout(600)
 async def test_verify_full_everywhere_and_a_rotated_certificate_loses_nothing(
         tls: TlsServer, tls_db: str, chaos_models: Models, workers: Workers,
         report: Any) -> None:
@@ -110,6 +111,7 @@ async def test_verify_full_everywhere_and_a_rotated_certificate_loses_nothing(
            detail=f"{len(ours)} sessions of ours, all TLS ({ours[0]['version']})")
 
 
+@pytest.mark.timeout(300)
 async def test_each_tls_misconfiguration_fails_fast_named(
         tls: TlsServer, tls_db: str, workers: Workers) -> None:
     """migrate exits 2 within 10 s with one line naming the cause; `run` does not call it an
