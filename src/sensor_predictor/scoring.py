@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from sensor_predictor import db, features
 from sensor_predictor.features import BadReading
-from sensor_predictor.model_holder import LoadedModel
+from sensor_predictor.model_types import LoadedModel
 
 # The slow path's caps, applied by PostgreSQL before Python parses anything: a reading's values
 # larger than this (bytes), or nested deeper than 64 levels (queries.sql: read_range_raw), is
