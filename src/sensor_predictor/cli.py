@@ -1,4 +1,5 @@
-"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, clusters, demo."""
+"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, reset-cursor, clusters,
+demo."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 import structlog
 
 from sensor_predictor.config import ConfigError, Settings, load_settings
+from sensor_predictor.connect_errors import ConnectFailed
 from sensor_predictor.logging_setup import configure_logging
 
 log = structlog.get_logger("sensor_predictor.cli")
@@ -67,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     rescore.add_argument("--to-id", type=int, default=None, help="up to this id (all)")
     rescore.add_argument("--batch-size", type=_positive_int, default=1000,
                          help="readings per transaction (1000)")
+
+    sub.add_parser("reset-cursor",
+                   help="re-anchor the scoring cursor (after moving the database by hand): "
+                        "readings with no result are swept once, then scoring goes on")
 
     sub.add_parser("clusters", help="show each model version's label -> stable cluster id "
                                     "mapping (aligned at its first use)")
@@ -161,6 +167,21 @@ async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reset_cursor(settings: Settings) -> int:
+    from sensor_predictor import db
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        top = await conn.fetchval(db.queries()["reset_cursor"])
+    finally:
+        await conn.close()
+    log.warning("cursor_reset", swept_up_to_id=top,
+                note="readings up to this id without a prediction or an error are handed out "
+                     "by the next claims, then the snapshot protocol resumes")
+    print(f"swept_up_to_id={top}", flush=True)
+    return 0
+
+
 async def _clusters(settings: Settings) -> int:
     from sensor_predictor import cluster_registry, db
 
@@ -211,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       secrets=settings.secret_values())
     if args.command == "run" and args.no_migrate:
         settings = dataclasses.replace(settings, migrate_on_start=False)
+    if args.command not in ("run", "demo"):
+        from sensor_predictor import db
+
+        log.debug("database_connection", hosts=[f"{h}:{p}" for h, p in settings.endpoints],
+                  target_session_attrs=settings.target_session_attrs,
+                  **db.describe_tls(settings))
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
@@ -222,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_simulate(settings, args))
         if args.command == "rescore":
             return asyncio.run(_rescore(settings, args))
+        if args.command == "reset-cursor":
+            return asyncio.run(_reset_cursor(settings))
         if args.command == "clusters":
             return asyncio.run(_clusters(settings))
         if args.command == "demo":
@@ -230,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args)
     except KeyboardInterrupt:
         return 130
+    except ConnectFailed as exc:
+        # One line: the cause and the variable to change. An outage exits 1, a configuration
+        # error 2 (EXIT_CONFIG), like an invalid setting.
+        print(f"sensor-predictor: {args.command}: {exc.cause.line()}", file=sys.stderr)
+        return 1 if exc.cause.transient else EXIT_CONFIG
     return 0
 
 

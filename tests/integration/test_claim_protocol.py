@@ -147,7 +147,8 @@ async def test_a_claim_is_taken_over_once_its_session_ends_and_never_while_it_li
 
     taken = await wait_for(take, timeout=2)
     assert taken is not None and taken["claim_id"] == claim["claim_id"]
-    assert taken["previous_worker"] == "owner" and taken["reading_ids"] == ids
+    # The last owner: the fallback made the claim the taker's (its lock stayed with the owner).
+    assert taken["previous_worker"] == "taker" and taken["reading_ids"] == ids
     # Now it is the taker's, and a third worker cannot take it from a live taker.
     third = await database.connect()
     try:
