@@ -68,7 +68,7 @@ async def main(argv: list[str] | None = None) -> None:
         held = None
         while (elapsed := time.perf_counter() - started) < args.seconds:
             if elapsed >= next_point:
-                top = int(await looker.fetchval("SELECT max(id) FROM scoring_claims") or 0)
+                top = int(await looker.fetchval("SELECT last_value FROM scoring_claims_id_seq"))
                 points.append({
                     "t_s": round(elapsed, 1), "claims_churned": claims,
                     "full_look_ms": await _ms(looker, "SELECT * FROM sp_take_orphan('l', 60)"),

@@ -142,10 +142,12 @@ async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: f
 
 
 async def find_orphans(conn: asyncpg.Connection | asyncpg.Pool, after_id: int, known: list[int],
-                       fallback_seconds: float) -> list[tuple[int, bool]]:
-    """Claims above after_id and those in known: (id, may be taken over now)."""
+                       fallback_seconds: float) -> tuple[list[tuple[int, bool]], int]:
+    """Claims above after_id and those in known: (id, may be taken over now); and the next
+    look's after_id."""
     rows = await conn.fetch(db.queries()["find_orphans"], after_id, known, fallback_seconds)
-    return [(int(r["id"]), bool(r["orphan"])) for r in rows]
+    mark = int(rows[-1]["mark"]) if rows else after_id
+    return [(int(r["id"]), bool(r["orphan"])) for r in rows if r["id"] is not None], mark
 
 
 async def renew_leases(conn: asyncpg.Connection | asyncpg.Pool, worker: str,

@@ -490,11 +490,11 @@ class Worker:
             if now >= full_at:
                 after, known, full_at = 0, [], now + ORPHAN_FULL_LOOK_SECONDS
             try:
-                found = await find_orphans(self.pool, after, known,
-                                           self.settings.claim_orphan_seconds)
+                found, mark = await find_orphans(self.pool, after, known,
+                                                 self.settings.claim_orphan_seconds)
             except db.UNAVAILABLE:
                 continue
-            after = max([after, *(i for i, _ in found)])
+            after = max(after, mark)
             known = [i for i, orphan in found if not orphan]
             orphans = {i for i, orphan in found if orphan}
             if orphans:
