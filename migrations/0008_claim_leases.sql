@@ -117,17 +117,26 @@ BEGIN
     IF release_claim IS NOT NULL THEN
         PERFORM pg_advisory_unlock(21328, sp_claim_lock_key(release_claim));
     END IF;
-    PERFORM 1 FROM scoring_cursor FOR UPDATE;
-    moved := sp_cursor_moved();
-    IF moved IS NOT NULL THEN
-        PERFORM sp_reanchor(moved);
-    END IF;
     SELECT c.snap, c.target, c.txid, c.reading_id, c.system_identifier, c.anchor_id,
            c.anchor_snap, c.sweep_id
-      INTO cur FROM scoring_cursor c;
+      INTO cur FROM scoring_cursor c FOR UPDATE;
+    -- sp_cursor_moved, inline (one statement less per claim).
+    SELECT x.system_identifier INTO top FROM pg_control_system() x;
     IF cur.system_identifier IS NULL THEN  -- a cursor from before 0008 on an unknown cluster
-        UPDATE scoring_cursor
-           SET system_identifier = (SELECT x.system_identifier FROM pg_control_system() x);
+        UPDATE scoring_cursor SET system_identifier = top;
+    ELSIF cur.system_identifier <> top THEN
+        moved := 'system_identifier';
+    END IF;
+    hi := pg_snapshot_xmax(pg_current_snapshot());
+    IF moved IS NULL AND (hi < pg_snapshot_xmax(cur.snap) OR hi < pg_snapshot_xmax(cur.target))
+    THEN
+        moved := 'counter_behind';
+    END IF;
+    IF moved IS NOT NULL THEN
+        PERFORM sp_reanchor(moved);
+        SELECT c.snap, c.target, c.txid, c.reading_id, c.system_identifier, c.anchor_id,
+               c.anchor_snap, c.sweep_id
+          INTO cur FROM scoring_cursor c;
     END IF;
 
     -- The sweep after a re-anchor: readings up to anchor_id with neither a prediction nor an
