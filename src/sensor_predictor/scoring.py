@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import asyncpg
 import numpy as np
@@ -110,7 +111,8 @@ async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
                          ) -> Claim | Progress | None:
     """claim_next, with the claim's features read in the same round trip."""
     try:
-        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size, model.read_query,
+        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size,
+                                _claim_read_query(model.feature_names),
                                 list(model.feature_names), own.lease_seconds, own.release)
     except asyncpg.DataError:
         # A value PostgreSQL cannot cast: the statement failed, and with it the claim (its
@@ -125,6 +127,13 @@ async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
         return PROGRESS
     return Claim(rows[0]["claim_id"], [r["id"] for r in rows], rows=rows,
                  full=bool(rows[0]["full"]), locked=own.lease_seconds is None)
+
+
+@cache
+def _claim_read_query(feature_names: tuple[str, ...]) -> str:
+    """The read that comes with a claim: planned at every claim (dynamic SQL) and over the few
+    rows of a caught-up stream, so the names are picked per row (db.read_range_query)."""
+    return db.read_range_query(feature_names, keys_once=False)
 
 
 async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float,
