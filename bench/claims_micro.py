@@ -6,7 +6,8 @@
 On a fresh database of the server PGHOST/PGPORT name (default 127.0.0.1:5432), migrated by the
 code imported: the drain of `--rows` waiting readings by one and by two connections (claim and
 read in one round trip, then the write that deletes the claim: the worker's statements, no
-model), and the steady round trip (10 new readings, claim + read + write) at 1 ms pauses.
+model), and the steady round trip (10 new readings, claim + read + write) at 1 ms pauses, with
+the claim + read alone (no commit wait: the claim's commit does not wait for the disk).
 Medians over `--rounds`. Prints one JSON object.
 """
 
@@ -46,12 +47,16 @@ class Path:
         self.new = "$4" in self.claim_read  # this branch: names as a parameter, lease, release
         self.read_sql = db.read_range_query(NAMES)
 
-    async def one(self, conn: asyncpg.Connection, batch: int, held: list[int]) -> int:
+    async def one(self, conn: asyncpg.Connection, batch: int, held: list[int],
+                  claim_times: list[float] | None = None) -> int:
+        started = time.perf_counter()
         if self.new:
             rows = await conn.fetch(self.claim_read, "bench", batch, self.read_sql, NAMES,
                                     None, held[0] if held else None)
         else:
             rows = await conn.fetch(self.claim_read, "bench", batch, self.read_sql)
+        if claim_times is not None and rows:
+            claim_times.append(time.perf_counter() - started)
         if not rows:
             return 0
         claim = rows[0]["claim_id"]
@@ -97,20 +102,22 @@ async def drain(path: Path, database: str, lanes: int, batch: int) -> float:
     return total / took
 
 
-async def steady(path: Path, conn: asyncpg.Connection, n: int) -> float:
+async def steady(path: Path, conn: asyncpg.Connection, n: int) -> tuple[float, float]:
+    """Median ms of the whole round (claim + read + write) and of the claim + read alone."""
     machine = await conn.fetchval("SELECT id FROM machines LIMIT 1")
     times = []
+    claim_times: list[float] = []
     held: list[int] = []
     for _ in range(n):
         await conn.execute(
             'INSERT INTO readings ("values", machine_id) SELECT $1::jsonb, $2'
             " FROM generate_series(1, 10)", VALUES, machine)
         started = time.perf_counter()
-        while await path.one(conn, 100, held) > 0:
+        while await path.one(conn, 100, held, claim_times) > 0:
             pass
         times.append(time.perf_counter() - started)
         await asyncio.sleep(0.001)
-    return statistics.median(times) * 1000
+    return statistics.median(times) * 1000, statistics.median(claim_times) * 1000
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -120,7 +127,8 @@ async def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steady", type=int, default=1000)
     args = p.parse_args(argv)
     path = Path()
-    out: dict[str, list[float]] = {"drain_1x1000": [], "drain_2x1000": [], "steady_ms": []}
+    out: dict[str, list[float]] = {"drain_1x1000": [], "drain_2x1000": [], "steady_ms": [],
+                                   "steady_claim_read_ms": []}
     admin = await asyncpg.connect(**_dsn("postgres"))
     for _ in range(args.rounds):
         name = f"sp_micro_{uuid.uuid4().hex[:8]}"
@@ -132,7 +140,9 @@ async def main(argv: list[str] | None = None) -> None:
                 await _fill(conn, args.rows)
                 await conn.execute("VACUUM ANALYZE readings")
                 out[key].append(await drain(path, name, lanes, 1000))
-            out["steady_ms"].append(await steady(path, conn, args.steady))
+            whole, claim_only = await steady(path, conn, args.steady)
+            out["steady_ms"].append(whole)
+            out["steady_claim_read_ms"].append(claim_only)
             await conn.close()
         finally:
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -117,17 +117,26 @@ BEGIN
     IF release_claim IS NOT NULL THEN
         PERFORM pg_advisory_unlock(21328, sp_claim_lock_key(release_claim));
     END IF;
-    PERFORM 1 FROM scoring_cursor FOR UPDATE;
-    moved := sp_cursor_moved();
-    IF moved IS NOT NULL THEN
-        PERFORM sp_reanchor(moved);
-    END IF;
     SELECT c.snap, c.target, c.txid, c.reading_id, c.system_identifier, c.anchor_id,
            c.anchor_snap, c.sweep_id
-      INTO cur FROM scoring_cursor c;
+      INTO cur FROM scoring_cursor c FOR UPDATE;
+    -- sp_cursor_moved, inline (one statement less per claim).
+    SELECT x.system_identifier INTO top FROM pg_control_system() x;
     IF cur.system_identifier IS NULL THEN  -- a cursor from before 0008 on an unknown cluster
-        UPDATE scoring_cursor
-           SET system_identifier = (SELECT x.system_identifier FROM pg_control_system() x);
+        UPDATE scoring_cursor SET system_identifier = top;
+    ELSIF cur.system_identifier <> top THEN
+        moved := 'system_identifier';
+    END IF;
+    hi := pg_snapshot_xmax(pg_current_snapshot());
+    IF moved IS NULL AND (hi < pg_snapshot_xmax(cur.snap) OR hi < pg_snapshot_xmax(cur.target))
+    THEN
+        moved := 'counter_behind';
+    END IF;
+    IF moved IS NOT NULL THEN
+        PERFORM sp_reanchor(moved);
+        SELECT c.snap, c.target, c.txid, c.reading_id, c.system_identifier, c.anchor_id,
+               c.anchor_snap, c.sweep_id
+          INTO cur FROM scoring_cursor c;
     END IF;
 
     -- The sweep after a re-anchor: readings up to anchor_id with neither a prediction nor an
@@ -215,7 +224,7 @@ BEGIN
                                    AND NOT EXISTS (SELECT 1 FROM reading_errors e
                                                     WHERE e.reading_id = u.id)
                                    AND NOT EXISTS (SELECT 1 FROM scoring_claims c
-                                                    WHERE c.reading_ids @> ARRAY[u.id])))
+                                                    WHERE c.reading_ids @> ARRAY[u.id::bigint])))
                                    AS todo
                           FROM (SELECT r.txid, r.id
                                   FROM unnest(running) AS x(t),
@@ -337,9 +346,11 @@ BEGIN
         PERFORM pg_advisory_unlock(21328, sp_claim_lock_key(release_claim));
     END IF;
     FOR c IN SELECT s.id, s.reading_ids, s.worker, s.claimed_at, s.lease_until, s.takeovers
-               FROM scoring_claims s
-              WHERE candidates IS NULL OR s.id = ANY (candidates)
-              ORDER BY s.id LOOP
+               FROM scoring_claims s WHERE candidates IS NULL
+             UNION ALL  -- by index probes: what a long transaction keeps is never scanned
+             SELECT s.id, s.reading_ids, s.worker, s.claimed_at, s.lease_until, s.takeovers
+               FROM scoring_claims s WHERE s.id = ANY (candidates)
+              ORDER BY 1 LOOP
         k := sp_claim_lock_key(c.id);
         IF c.lease_until IS NOT NULL THEN
             CONTINUE WHEN c.lease_until >= clock_timestamp();
@@ -378,27 +389,39 @@ $$;
 
 -- The orphan timer's look: the claims with id above after_id and those in known (the ones it
 -- saw alive last time), each with whether it may be taken over now (sp_take_orphan's rules,
--- tested without taking anything: a transaction-level lock, gone when this returns). Index
--- probes only: what a long transaction keeps of the claims written since never costs a scan.
+-- tested without taking anything: a transaction-level lock, gone when this returns), and one
+-- row with id NULL whose `mark` is the caller's next after_id: the claim sequence's position
+-- before the look. Index probes only: what a long transaction keeps of the claims written
+-- since never costs a scan. (Claims commit in id order, under the cursor lock; one still in
+-- flight below the mark is seen by the caller's next full look, after_id 0.)
 CREATE OR REPLACE FUNCTION sp_orphans(after_id bigint, known bigint[],
                                       fallback_seconds double precision)
-RETURNS TABLE (id bigint, orphan boolean)
-LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+RETURNS TABLE (id bigint, orphan boolean, mark bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
+-- A custom plan would look up the index's actual end while planning, over the dead entries
+-- a long transaction keeps there: one generic plan per session instead.
+SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    top bigint := COALESCE(pg_sequence_last_value('scoring_claims_id_seq'), 0);
 BEGIN
     RETURN QUERY
     SELECT s.id,
            CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
                 ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
-                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END
+                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END,
+           top
       FROM scoring_claims s
-     WHERE s.id > after_id
-    UNION ALL
+     WHERE s.id > after_id AND s.id <= top  -- a range: planned as an index range scan
+    UNION ALL  -- two index conditions (an OR of them scans the whole index)
     SELECT s.id,
            CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
                 ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
-                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END
+                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END,
+           top
       FROM scoring_claims s
-     WHERE s.id = ANY (known) AND s.id <= after_id;
+     WHERE s.id = ANY (known) AND s.id <= after_id
+    UNION ALL
+    SELECT NULL::bigint, NULL::boolean, top;
 END
 $$;
 

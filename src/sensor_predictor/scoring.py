@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import asyncpg
 import numpy as np
@@ -110,7 +111,8 @@ async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
                          ) -> Claim | Progress | None:
     """claim_next, with the claim's features read in the same round trip."""
     try:
-        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size, model.read_query,
+        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size,
+                                _claim_read_query(model.feature_names),
                                 list(model.feature_names), own.lease_seconds, own.release)
     except asyncpg.DataError:
         # A value PostgreSQL cannot cast: the statement failed, and with it the claim (its
@@ -125,6 +127,13 @@ async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
         return PROGRESS
     return Claim(rows[0]["claim_id"], [r["id"] for r in rows], rows=rows,
                  full=bool(rows[0]["full"]), locked=own.lease_seconds is None)
+
+
+@cache
+def _claim_read_query(feature_names: tuple[str, ...]) -> str:
+    """The read that comes with a claim: planned at every claim (dynamic SQL) and over the few
+    rows of a caught-up stream, so the names are picked per row (db.read_range_query)."""
+    return db.read_range_query(feature_names, keys_once=False)
 
 
 async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float,
@@ -142,10 +151,12 @@ async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: f
 
 
 async def find_orphans(conn: asyncpg.Connection | asyncpg.Pool, after_id: int, known: list[int],
-                       fallback_seconds: float) -> list[tuple[int, bool]]:
-    """Claims above after_id and those in known: (id, may be taken over now)."""
+                       fallback_seconds: float) -> tuple[list[tuple[int, bool]], int]:
+    """Claims above after_id and those in known: (id, may be taken over now); and the next
+    look's after_id."""
     rows = await conn.fetch(db.queries()["find_orphans"], after_id, known, fallback_seconds)
-    return [(int(r["id"]), bool(r["orphan"])) for r in rows]
+    mark = int(rows[-1]["mark"]) if rows else after_id
+    return [(int(r["id"]), bool(r["orphan"])) for r in rows if r["id"] is not None], mark
 
 
 async def renew_leases(conn: asyncpg.Connection | asyncpg.Pool, worker: str,

@@ -648,16 +648,13 @@ class Worker:
             if now >= full_at:
                 after, known, full_at = 0, [], now + ORPHAN_FULL_LOOK_SECONDS
             try:
-                found = await find_orphans(self.pool, after, known,
-                                           self.settings.claim_orphan_seconds)
+                found, mark = await find_orphans(self.pool, after, known,
+                                                 self.settings.claim_orphan_seconds)
             except db.UNAVAILABLE:
                 continue
-            after = max([after, *(i for i, _ in found)])
-            known = [i for i, orphan in found if not orphan]
-            orphans = {i for i, orphan in found if orphan}
+            after, known, orphans = next_orphan_look(after, mark, found)
             if orphans:
                 self._orphans |= orphans
-                known += sorted(orphans)  # looked at again until they are gone
                 self.wake("orphan")
 
     async def _renew_leases(self, lease_seconds: float) -> None:
@@ -713,6 +710,15 @@ def next_batch_size(current: int, scored: int, base: int) -> int:
     if scored >= current:
         return min(current * 2, base * DRAIN_BATCH_FACTOR)
     return base
+
+
+def next_orphan_look(after: int, mark: int, found: list[tuple[int, bool]]
+                     ) -> tuple[int, list[int], set[int]]:
+    """The orphan timer's state after a look: the next mark (never back), the claims to look at
+    again by id (every one found, alive or takeable: an orphan until it is gone), and the
+    orphans found."""
+    orphans = {i for i, orphan in found if orphan}
+    return max(after, mark), sorted(i for i, _ in found), orphans
 
 
 def next_backoff(delay: float, bounds: tuple[float, float]) -> float:

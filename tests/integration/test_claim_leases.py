@@ -119,16 +119,16 @@ async def test_an_orphan_is_taken_over_within_a_second_in_a_quiet_stream(
     await worker.until_ready()
     ids = await insert_readings(conn, [reading(i) for i in range(5)])
     assert await wait_for(lambda: _scored(conn, ids), timeout=10)
-    # Someone else's claim, session-owned, left behind by a session that ends.
+    # Someone else's claim, session-owned, left behind by a session that ends. It holds the
+    # cursor while the readings are written, so the worker (woken by them) claims after it.
     ghost = await database.connect()
-    late = await insert_readings(ghost, [reading(i) for i in range(3)])
-    # The worker may be woken by that insert: claim before it does, in the same transaction.
     tx = ghost.transaction()
     await tx.start()
+    await ghost.execute("SELECT 1 FROM scoring_cursor FOR UPDATE")
+    late = await insert_readings(conn, [reading(i) for i in range(3)])
     orphaned = await ghost.fetchrow("SELECT claim_id, reading_ids FROM sp_claim('ghost', 10)")
     await tx.commit()
-    if orphaned is None or orphaned["claim_id"] is None:
-        pytest.skip("the worker claimed the readings first")  # pragma: no cover
+    assert sorted(orphaned["reading_ids"]) == late
     await asyncio.sleep(1.0)  # nothing happens while its owner lives
     assert not await _scored(conn, late)
     await ghost.close()

@@ -40,9 +40,13 @@ async def test_hostile_feature_names_are_plain_keys(
     expected = [values[n] for n in names]
     assert all(list(r["features"]) == expected for r in rows)
     assert "'" not in db.read_range_query(names)  # nothing of a name in the text
-    # The direct read (a claim taken over, a large batch) takes them the same way.
-    direct = await conn.fetch(db.read_range_query(names), ids, names)
-    assert [list(r["features"]) for r in direct] == [expected, expected]
+    # The direct read (a claim taken over, a large batch) takes them the same way, with the
+    # names picked once per statement or per row.
+    for keys_once in (True, False):
+        query = db.read_range_query(names, keys_once=keys_once)
+        assert "'" not in query and "Sensor" not in query
+        direct = await conn.fetch(query, ids, names)
+        assert [list(r["features"]) for r in direct] == [expected, expected]
     assert await conn.fetchval("SELECT count(*) FROM readings") == 2
 
 
@@ -53,6 +57,8 @@ async def test_ten_thousand_names(conn: asyncpg.Connection) -> None:
     rows = await _claim_read(conn, names)
     assert [r["id"] for r in rows] == ids
     assert list(rows[0]["features"]) == [float(i) for i in range(10_000)]
+    direct = await conn.fetch(db.read_range_query(names, keys_once=False), ids, names)
+    assert list(direct[0]["features"]) == [float(i) for i in range(10_000)]
 
 
 async def test_too_large_and_too_deep_values_come_back_flagged(conn: asyncpg.Connection

@@ -20,8 +20,8 @@ SELECT claim_id, reading_ids, previous_worker, age_seconds, token, locked
 
 -- name: find_orphans
 -- The orphan timer's look (sp_orphans): claims above $1 and those in $2, and whether each may
--- be taken over now.
-SELECT id, orphan FROM sp_orphans($1, $2::bigint[], $3);
+-- be taken over now; the row with id NULL carries the next look's $1 (mark).
+SELECT id, orphan, mark FROM sp_orphans($1, $2::bigint[], $3);
 
 -- name: renew_leases
 -- The owner's lease renewal, by claim id (index probes), only while it still owns them.
