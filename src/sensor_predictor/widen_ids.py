@@ -93,9 +93,13 @@ async def widen_ids(conn: asyncpg.Connection, *, batch_size: int = 20_000,
                 continue
             copied = 0
             t0 = time.monotonic()
-            for start in range(lo, hi + 1, batch_size):
-                copied += await conn.fetchval(q["widen_backfill"], table, start,
-                                              start + batch_size)
+            start = lo
+            while start <= hi:
+                upto, n = await conn.fetchrow(q["widen_backfill"], table, start, batch_size)
+                if upto is None:
+                    break
+                copied += n
+                start = upto + 1
             report.backfilled_rows += copied
             log.info("widen_ids_backfilled", table=table, rows=copied,
                      seconds=round(time.monotonic() - t0, 2))

@@ -495,7 +495,7 @@ SELECT sp_widen_prepare($1)
 SELECT lo, hi FROM sp_widen_bounds($1)
 
 -- name: widen_backfill
-SELECT sp_widen_backfill($1, $2, $3)
+SELECT upto, copied FROM sp_widen_backfill($1, $2, $3)
 
 -- name: widen_online_steps
 -- The CHECKs to validate and the index copies to build CONCURRENTLY, in order.
@@ -516,7 +516,7 @@ ANALYZE readings, predictions
 
 -- name: widen_drop_helpers
 DROP FUNCTION IF EXISTS sp_widen_targets(), sp_widen_prepare(text), sp_widen_bounds(text),
-     sp_widen_backfill(text, bigint, bigint), sp_widen_online_steps(), sp_widen_swap(),
+     sp_widen_backfill(text, bigint, integer), sp_widen_online_steps(), sp_widen_swap(),
      sp_widen_fk_steps()
 
 -- name: id_headroom

@@ -71,29 +71,31 @@ BEGIN
 END
 $$;
 
--- Step 2, one batch: the rows of ids [from_id, to_id) whose copies are not set yet. Returns how
--- many rows it copied.
-CREATE OR REPLACE FUNCTION sp_widen_backfill(target text, from_id bigint, to_id bigint)
-RETURNS bigint
+-- Step 2, one batch: the next batch_size rows from from_id on (gaps in the ids cost nothing),
+-- those whose copies are not set yet updated. Returns the batch's last id and the rows copied.
+CREATE OR REPLACE FUNCTION sp_widen_backfill(target text, from_id bigint, batch_size integer,
+                                             OUT upto bigint, OUT copied bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
     sets text;
     pending text;
-    n bigint;
 BEGIN
+    copied := 0;
     SELECT string_agg(format('%I = %I', s.wide, s.col), ', '),
            string_agg(format('%I IS NULL', s.wide), ' OR ')
       INTO sets, pending
       FROM sp_widen_targets() s WHERE s.tbl = target AND s.wide_exists;
-    IF sets IS NULL THEN
-        RETURN 0;
+    EXECUTE format('SELECT max(id) FROM (SELECT id FROM %I WHERE id >= $1 ORDER BY id LIMIT $2) b',
+                   target)
+      INTO upto USING from_id, batch_size;
+    IF sets IS NULL OR upto IS NULL THEN
+        RETURN;
     END IF;
-    EXECUTE format('UPDATE %I SET %s WHERE id >= $1 AND id < $2 AND (%s)', target, sets, pending)
-      USING from_id, to_id;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
+    EXECUTE format('UPDATE %I SET %s WHERE id >= $1 AND id <= $2 AND (%s)', target, sets, pending)
+      USING from_id, upto;
+    GET DIAGNOSTICS copied = ROW_COUNT;
 END
 $$;
 
