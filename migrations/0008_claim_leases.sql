@@ -215,7 +215,7 @@ BEGIN
                                    AND NOT EXISTS (SELECT 1 FROM reading_errors e
                                                     WHERE e.reading_id = u.id)
                                    AND NOT EXISTS (SELECT 1 FROM scoring_claims c
-                                                    WHERE c.reading_ids @> ARRAY[u.id])))
+                                                    WHERE c.reading_ids @> ARRAY[u.id::bigint])))
                                    AS todo
                           FROM (SELECT r.txid, r.id
                                   FROM unnest(running) AS x(t),
