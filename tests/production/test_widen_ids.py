@@ -203,7 +203,13 @@ async def test_widen_ids_online_under_the_old_consumers_writes(
     await conn.close()
     print(f"widen-ids: {ended - started:.1f} s, longest consumer write {stall * 1000:.0f} ms, "
           f"{written_during} writes during, consumer errors {consumer.errors!r}")
-    assert consumer.errors == [], consumer.errors[:3]
+    # What no online change of a column's type avoids: a client that cached a prepared
+    # statement returning the id (the consumer's INSERT ... RETURNING "id") gets one "cached
+    # plan must not change result type" per connection, inside a transaction (asyncpg
+    # prepares it again by itself outside one). That message's transaction fails once; the
+    # next one succeeds (written above: the consumer wrote on afterwards).
+    assert len(consumer.errors) <= 1, consumer.errors
+    assert all(isinstance(e, asyncpg.InvalidCachedStatementError) for e in consumer.errors)
 
 
 async def _warned(worker: WorkerProcess) -> bool:
