@@ -70,9 +70,10 @@ async def _locking(conn: asyncpg.Connection, report: WidenReport, lock_timeout_m
 
 
 async def widen_ids(conn: asyncpg.Connection, *, batch_size: int = 20_000,
-                    lock_timeout_ms: int = 200) -> WidenReport:
+                    lock_timeout_ms: int = 200, lock_attempts: int = 100) -> WidenReport:
     """Run (or resume) the widening to its end. `conn` must not be in a transaction (the index
-    builds are CONCURRENTLY)."""
+    builds are CONCURRENTLY). A locking step that did not get its locks in `lock_attempts`
+    tries raises asyncpg.LockNotAvailableError; what was done stays done (run it again)."""
     q = db.queries()
     report = WidenReport()
     started = time.monotonic()
@@ -85,7 +86,8 @@ async def widen_ids(conn: asyncpg.Connection, *, batch_size: int = 20_000,
                      lock_timeout_ms=lock_timeout_ms)
         tables = list(dict.fromkeys(r["tbl"] for r in targets))
         for table in tables:
-            await _locking(conn, report, lock_timeout_ms, q["widen_prepare"], table)
+            await _locking(conn, report, lock_timeout_ms, q["widen_prepare"], table,
+                           attempts=lock_attempts)
             report.steps.append(f"prepare {table}")
         for table in tables:
             lo, hi = await conn.fetchrow(q["widen_bounds"], table)
@@ -113,7 +115,8 @@ async def widen_ids(conn: asyncpg.Connection, *, batch_size: int = 20_000,
                 report.steps.append(step)
                 log.info("widen_ids_step", step=step, seconds=round(time.monotonic() - t0, 2))
         if targets:
-            swapped = await _locking(conn, report, lock_timeout_ms, q["widen_swap"])
+            swapped = await _locking(conn, report, lock_timeout_ms, q["widen_swap"],
+                                     attempts=lock_attempts)
             report.steps.append(f"swap ({swapped} columns)")
             log.info("widen_ids_swapped", columns=report.widened)
         for step in [r["step"] for r in await conn.fetch(q["widen_fk_steps"])]:

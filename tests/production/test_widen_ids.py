@@ -131,6 +131,8 @@ async def test_widen_ids_online_under_the_old_consumers_writes(
                   for r in await conn.fetch(db.queries()["id_headroom"])}
         assert 0.4 < before["readings"] < 0.5 and before["predictions"] > 0.99, before
         assert await wait_for(lambda: _warned(worker), timeout=30), worker.logs()[-3000:]
+        gauge = worker.metric("sensor_id_headroom_ratio", 'table="readings"')
+        assert gauge is not None and 0.4 < gauge < 0.5, gauge
         assert await wait_for(lambda: _drained(conn), timeout=30), \
             (await tally(conn), worker.logs()[-3000:])
         readings_before = await _fingerprints(conn, "readings")
