@@ -58,8 +58,9 @@ async def test_an_interrupted_widening_resumes(pg_server: PgServer, adopted: str
     writer = await pg_server.connect(adopted)
     try:
         before = await _rows(conn)
-        # A long reader of predictions: the swap's ACCESS EXCLUSIVE lock never comes.
-        await holder.execute("BEGIN; SELECT count(*) FROM predictions")
+        # A long reader of reading_errors (whose foreign key the swap moves): the swap's ACCESS
+        # EXCLUSIVE lock never comes (the prepare step does not need that table).
+        await holder.execute("BEGIN; SELECT count(*) FROM reading_errors")
         stalls: list[float] = []
         replans: list[int] = []
         stop = asyncio.Event()
