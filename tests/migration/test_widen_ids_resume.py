@@ -14,10 +14,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from sensor_predictor import db
 from sensor_predictor.devtools import old_system
 from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
 from sensor_predictor.migrate import migrate
-from sensor_predictor.widen_ids import widen_ids
+from sensor_predictor.widen_ids import headroom, widen_ids
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,6 +51,22 @@ async def _types(conn: asyncpg.Connection) -> set[str]:
         "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a"
         " WHERE a.attrelid IN ('readings'::regclass, 'predictions'::regclass)"
         "   AND a.attname IN ('id', 'reading_id')")}
+
+
+async def test_the_headroom_query_works_for_the_worker_role(pg_server: PgServer,
+                                                            adopted: str) -> None:
+    """sensor_id_headroom_ratio's query as the worker runs it (it may read readings and use
+    predictions_id_seq, nothing more): integer limits on the adopted database."""
+    conn = await pg_server.connect(adopted)
+    try:
+        await conn.execute("SET ROLE sensor_predictor_worker")
+        rows = {r["tbl"]: r for r in await conn.fetch(db.queries()["id_headroom"])}
+    finally:
+        await conn.close()
+    assert rows["readings"]["id_max"] == rows["predictions"]["id_max"] == 2**31 - 1
+    assert rows["readings"]["id_used"] >= 3_000
+    assert rows["predictions"]["id_used"] > 0
+    assert 0.99 < headroom(rows["readings"]["id_max"], rows["readings"]["id_used"]) < 1.0
 
 
 async def test_an_interrupted_widening_resumes(pg_server: PgServer, adopted: str) -> None:
