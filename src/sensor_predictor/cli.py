@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-anchor the scoring cursor (after moving the database by hand): "
                         "readings with no result are swept once, then scoring goes on")
 
+    widen = sub.add_parser(
+        "widen-ids", help="widen an adopted database's integer ids (readings, predictions) to "
+                          "bigint online, writers keep writing; resumable: run it again")
+    widen.add_argument("--batch-size", type=_positive_int, default=20_000,
+                       help="rows per backfill UPDATE (20000)")
+    widen.add_argument("--lock-timeout-ms", type=_positive_int, default=200,
+                       help="longest wait for a table lock before retrying (200); writers "
+                            "queue behind the waiting statement")
+
     sub.add_parser("clusters", help="show each model version's label -> stable cluster id "
                                     "mapping (aligned at its first use)")
 
@@ -182,6 +191,21 @@ async def _reset_cursor(settings: Settings) -> int:
     return 0
 
 
+async def _widen_ids(settings: Settings, args: argparse.Namespace) -> int:
+    from sensor_predictor import db
+    from sensor_predictor.widen_ids import widen_ids
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        report = await widen_ids(conn, batch_size=args.batch_size,
+                                 lock_timeout_ms=args.lock_timeout_ms)
+    finally:
+        await conn.close()
+    print(f"widened={','.join(report.widened) or 'none'} seconds={report.seconds:.1f} "
+          f"longest_lock_s={report.longest_lock_seconds:.3f}", flush=True)
+    return 0
+
+
 async def _clusters(settings: Settings) -> int:
     from sensor_predictor import cluster_registry, db
 
@@ -253,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_reset_cursor(settings))
         if args.command == "clusters":
             return asyncio.run(_clusters(settings))
+        if args.command == "widen-ids":
+            return asyncio.run(_widen_ids(settings, args))
         if args.command == "demo":
             from sensor_predictor.demo import run_demo
 

@@ -108,6 +108,11 @@ class Metrics:
             registry=r)
         self.backlog = Gauge(
             "sensor_backlog_readings", "Committed readings not scored yet.", registry=r)
+        self.id_headroom = Gauge(
+            "sensor_id_headroom_ratio",
+            "Share of the id type still free, by table (readings, predictions): 1 - highest id "
+            "used / the type's maximum (integer on a database adopted from the old system: "
+            "`sensor-predictor widen-ids` makes it bigint).", registry=r)
         self.open_reading_transactions = Gauge(
             "sensor_open_reading_transactions",
             "Transactions still open that have written readings: those readings are scored "

@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from sensor_predictor import connect_errors, db
+from sensor_predictor import connect_errors, db, widen_ids
 from sensor_predictor.config import Settings
 from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
 from sensor_predictor.drift_monitor import DriftMonitor
@@ -119,6 +119,8 @@ class Worker:
         self.lease_seconds = (settings.claim_lease_seconds if settings.pool_mode == "transaction"
                               else None)
         self._warm_up: asyncio.Task[None] | None = None
+        # sensor_id_headroom_ratio last seen, by table (a warning when it crosses a threshold).
+        self._headroom_seen: dict[str, float] = {}
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
         self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
 
@@ -489,12 +491,30 @@ class Worker:
                 ages = [max(r["age_seconds"] or 0.0, now - first_seen[r["vxid"]]) for r in rows]
                 self.metrics.open_reading_transactions.set({}, len(rows))
                 self.metrics.open_reading_transaction_age.set({}, max(ages, default=0.0))
+                await self._id_headroom()
             except db.UNAVAILABLE:
                 pass
             # A big backlog (an adopted database) takes a while to count: never more than a
             # tenth of this task's time.
             took = time.monotonic() - started
             await asyncio.sleep(max(BACKLOG_REFRESH_SECONDS, 10 * took))
+
+    async def _id_headroom(self) -> None:
+        """sensor_id_headroom_ratio (a sequence read and one index probe), and a warning when
+        a table's headroom falls below a half, then below a tenth."""
+        assert self.pool is not None
+        for row in await self.pool.fetch(db.queries()["id_headroom"]):
+            table = row["tbl"]
+            ratio = widen_ids.headroom(row["id_max"], row["id_used"])
+            self.metrics.id_headroom.set({"table": table}, ratio)
+            threshold = widen_ids.crossed(self._headroom_seen.get(table), ratio)
+            self._headroom_seen[table] = ratio
+            if threshold is not None:
+                log.warning("id_headroom_low", table=table, headroom_ratio=round(ratio, 4),
+                            below=threshold, highest_id=int(row["id_used"]),
+                            id_max=int(row["id_max"]),
+                            action="run `sensor-predictor widen-ids` (online) before the ids "
+                                   "run out: then every writer fails")
 
     # -- the drain loop ---------------------------------------------------------------------
 

@@ -498,3 +498,57 @@ SELECT digest FROM recorded
 UNION ALL
 SELECT digest FROM model_artifact_digests WHERE mlflow_run_id = $1 AND model_version = $2
 LIMIT 1;
+-- name: widen_targets
+-- `widen-ids` (widen_ids.py, helpers in sql/widen_ids.sql): the integer columns still to widen.
+SELECT tbl, col, wide, wide_exists FROM sp_widen_targets()
+
+-- name: widen_prepare
+SELECT sp_widen_prepare($1)
+
+-- name: widen_bounds
+SELECT lo, hi FROM sp_widen_bounds($1)
+
+-- name: widen_backfill
+SELECT upto, copied FROM sp_widen_backfill($1, $2, $3)
+
+-- name: widen_online_steps
+-- The CHECKs to validate and the index copies to build CONCURRENTLY, in order.
+SELECT step FROM sp_widen_online_steps() step
+
+-- name: widen_swap
+SELECT sp_widen_swap()
+
+-- name: widen_fk_steps
+SELECT step FROM sp_widen_fk_steps() step
+
+-- name: widen_lock_timeout
+-- The swap's and the prepare's bound on waiting for a lock (writers queue behind the waiter).
+SELECT set_config('lock_timeout', $1, true)
+
+-- name: widen_analyze
+ANALYZE readings, predictions
+
+-- name: widen_drop_helpers
+DROP FUNCTION IF EXISTS sp_widen_targets(), sp_widen_prepare(text), sp_widen_bounds(text),
+     sp_widen_backfill(text, bigint, integer), sp_widen_online_steps(), sp_widen_swap(),
+     sp_widen_fk_steps()
+
+-- name: id_headroom
+-- sensor_id_headroom_ratio: per table, the id type's maximum (the column's type, or the
+-- sequence's maximum when lower) and the highest id used: the sequence's last value (the worker
+-- role has USAGE on predictions_id_seq), and for readings max(id) too (one index probe; the
+-- worker may read readings but not their sequence).
+SELECT t.tbl,
+       least(CASE a.atttypid WHEN 'integer'::regtype THEN 2147483647
+                             WHEN 'smallint'::regtype THEN 32767
+                             ELSE 9223372036854775807 END,
+             coalesce(s.max_value, 9223372036854775807))::float8 AS id_max,
+       greatest(coalesce(s.last_value, 0), coalesce(t.top, 0), 0)::float8 AS id_used
+  FROM (SELECT 'readings' AS tbl, (SELECT max(id) FROM readings)::bigint AS top
+        UNION ALL
+        SELECT 'predictions', NULL) t
+  JOIN pg_attribute a ON a.attrelid = to_regclass(t.tbl) AND a.attname = 'id'
+                     AND NOT a.attisdropped
+  LEFT JOIN pg_sequences s
+         ON (s.schemaname || '.' || s.sequencename)::regclass
+            = pg_get_serial_sequence(t.tbl, 'id')::regclass
