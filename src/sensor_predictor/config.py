@@ -78,6 +78,12 @@ class Settings:
     log_format: str = "auto"
     # Verified models kept for a restart without MLflow; "off" keeps none. "~" is expanded.
     model_cache_dir: str = "~/.cache/sensor-predictor"
+    # Faults (docs/faults.md). SIGTERM to exit, whatever is stuck: below Docker's 10 s.
+    shutdown_grace_seconds: float = 8.0
+    # /ready fails once the active model has differed from the served one this long.
+    model_mismatch_ready_seconds: float = 60.0
+    # A replica waits this long for another one's migration before it gives up (exit 1).
+    migration_wait_seconds: float = 300.0
 
     @property
     def drift_exit_level(self) -> float:
@@ -203,6 +209,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "MODEL_CACHE_DIR": ("model_cache_dir", _cache_dir),
+    "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
+    "MODEL_MISMATCH_READY_SECONDS": ("model_mismatch_ready_seconds", _positive_float),
+    "MIGRATION_WAIT_SECONDS": ("migration_wait_seconds", _positive_float),
 }
 
 

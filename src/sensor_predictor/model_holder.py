@@ -31,6 +31,7 @@ import numpy.typing as npt
 import structlog
 
 from sensor_predictor import db
+from sensor_predictor.faults import in_daemon_thread
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_cache import CacheEntry, ModelCache
 from sensor_predictor.model_contract import (
@@ -325,6 +326,7 @@ class ModelHolder:
         self._failed_row: ActiveRow | None = None
         self._failures = 0
         self.retry_at: float | None = None  # monotonic time of the next attempt after a failure
+        self.last_seen_row: ActiveRow | None = None
         self._on_failure = on_failure
         self._legacy_announced: set[tuple[str, int | None]] = set()
 
@@ -355,6 +357,7 @@ class ModelHolder:
         """Serve the newest active row's model if it is not served yet; True when swapped."""
         async with self._lock:
             row = await self.active_row(pool)
+            self.last_seen_row = row  # what the database says is active (the mismatch gauge)
             current_row = self.current.row if self.current else None
             if row == current_row:
                 self.retry_at = None
@@ -378,8 +381,9 @@ class ModelHolder:
                                else Bookkeeping())  # a candidate has no clusters row yet
                 model = self._from_cache(row)
                 if model is None:
-                    model = await asyncio.to_thread(load_and_verify, row, self.model_name,
-                                                    bookkeeping)
+                    # A daemon thread: a hung fetch never holds a shutdown up (faults.py).
+                    model = await in_daemon_thread(load_and_verify, row, self.model_name,
+                                                   bookkeeping)
                 await _check_features_in_readings(pool, model.feature_names)
                 model = await self._aligned(pool, model)
             except ModelLoadError as exc:

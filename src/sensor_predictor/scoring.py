@@ -106,6 +106,11 @@ async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: f
     return Claim.from_record(record), float(record["age_seconds"])
 
 
+async def takeovers(conn: asyncpg.Connection, claim_id: int) -> int:
+    """How often the claim has been taken over (0 when it is gone)."""
+    return int(await conn.fetchval(db.queries()["claim_takeovers"], claim_id) or 0)
+
+
 async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
                 ) -> tuple[list[int], features.Matrix, list[BadReading], list[float], bool]:
     """Ids to predict, their features and ages (seconds since insert), bad readings, slow path."""
@@ -140,12 +145,64 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
             False)
 
 
-async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
-                      ) -> BatchResult | None:
-    """Score a claim with `model`; None when another worker scored it meanwhile."""
+async def _read_isolated(
+    conn: asyncpg.Connection, claim: Claim, model: LoadedModel
+) -> tuple[list[int], features.Matrix, list[BadReading], list[float], bool]:
+    """_read for a claim under the dead-letter rule: every reading's JSON, its size checked by
+    PostgreSQL before it is sent, each reading checked alone (features.parse_raw never raises)."""
+    limit = features.MAX_READING_CHARS
+    rows = await conn.fetch(db.queries()["read_range_guarded"], claim.reading_ids, limit)
+    raw_rows: list[tuple[int, str | None]] = []
+    oversized: list[BadReading] = []
+    for r in rows:
+        if r["raw"] is None and not r["missing"]:
+            oversized.append(BadReading(
+                r["id"], features.TOO_LARGE,
+                f"values is {r['chars']:,} characters of JSON, beyond {limit:,}"))
+        else:
+            raw_rows.append((r["id"], r["raw"]))
+    ids, matrix, bad = features.parse_raw(raw_rows, model.feature_names)
+    ages_by_id = {r["id"]: r["age_seconds"] for r in rows}
+    return ids, matrix, oversized + bad, [ages_by_id[i] for i in ids], True
+
+
+def _predict_each(model: LoadedModel, ids: list[int], matrix: features.Matrix,
+                  ages: list[float]
+                  ) -> tuple[list[int], features.Matrix, list[float], list[BadReading]]:
+    """The rows the model can score, one at a time: a row whose prediction raises becomes an
+    error row (the model, not the reading, may be at fault: the detail says what was raised)."""
+    keep: list[int] = []
+    bad: list[BadReading] = []
+    for i, reading_id in enumerate(ids):
+        try:
+            model.predict(matrix[i:i + 1])
+        except Exception as exc:
+            bad.append(BadReading(reading_id, features.UNPARSEABLE,
+                                  f"the model could not score it: {type(exc).__name__}"))
+        else:
+            keep.append(i)
+    return [ids[i] for i in keep], matrix[keep], [ages[i] for i in keep], bad
+
+
+async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel, *,
+                      isolated: bool = False) -> BatchResult | None:
+    """Score a claim with `model`; None when another worker scored it meanwhile.
+
+    `isolated`: the dead-letter path (docs/faults.md), for a claim that failed or was taken
+    over too often: sizes checked in SQL, each reading parsed alone, and a prediction that
+    raises retried row by row, so that whatever breaks is one reading's error row."""
     started = time.perf_counter()
-    ids, matrix, bad, ages, slow = await _read(conn, claim, model)
-    labels, confidence = model.predict(matrix)
+    if isolated:
+        ids, matrix, bad, ages, slow = await _read_isolated(conn, claim, model)
+        try:
+            labels, confidence = model.predict(matrix)
+        except Exception:
+            ids, matrix, ages, unscorable = _predict_each(model, ids, matrix, ages)
+            bad = bad + unscorable
+            labels, confidence = model.predict(matrix)
+    else:
+        ids, matrix, bad, ages, slow = await _read(conn, claim, model)
+        labels, confidence = model.predict(matrix)
     stable = model.stable(labels)
     conf_list: list[float | None] = (confidence.tolist() if confidence is not None
                                      else [None] * len(ids))

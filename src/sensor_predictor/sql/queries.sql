@@ -431,3 +431,41 @@ RETURNING id;
 -- name: add_version_notice
 -- The new-model notice the old trainer wrote (kept for the old system's tools).
 INSERT INTO versions (version, run_id) VALUES ($1, $2);
+
+-- name: read_range_guarded
+-- A claim scored in isolation (a claim that failed, or was taken over too often, see
+-- docs/faults.md): each reading's JSON text, NULL when it is longer than $2 characters (never
+-- sent to the worker), with its length.
+SELECT r.id,
+       CASE WHEN length(r."values"::text) <= $2 THEN r."values"::text END AS raw,
+       r."values" IS NULL AS missing,
+       length(r."values"::text) AS chars,
+       extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
+  FROM readings r
+ WHERE r.id = ANY($1::bigint[])
+ ORDER BY r.id;
+
+-- name: claim_takeovers
+-- How often a claim has been taken over (sp_take_orphan counts them): the dead-letter rule.
+SELECT takeovers FROM scoring_claims WHERE id = $1;
+
+-- name: migration_lock_holder
+-- Who holds the migration lock (a bigint advisory key: classid its high 32 bits, objid its low).
+SELECT a.pid, a.application_name, a.state, a.xact_start, a.backend_start
+  FROM pg_locks l
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+ LIMIT 1;
+
+-- name: index_build_blockers
+-- The sessions a CREATE INDEX CONCURRENTLY (backend $1) waits for.
+SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start,
+       extract(epoch FROM now() - a.xact_start)::float8 AS xact_age_s,
+       left(a.query, 200) AS query
+  FROM unnest(pg_blocking_pids($1)) AS b(pid)
+  JOIN pg_stat_activity a ON a.pid = b.pid
+ ORDER BY a.xact_start;
+
+-- name: index_build_phase
+SELECT phase FROM pg_stat_progress_create_index WHERE pid = $1;
