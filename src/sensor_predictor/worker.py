@@ -506,8 +506,14 @@ class Worker:
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
+                if "drain" in self.health.down:
+                    self.health.mark_up("drain")
+                    self._update_ready()
                 continue
             kind = faults.classify(failure)
+            if kind != faults.BUG:  # the database refuses the work: /ready says so
+                self.health.mark_down("drain", faults.describe(failure))
+                self._update_ready()
             if kind == faults.UNAVAILABLE:
                 self.metrics.db_reconnects.inc({"connection": "pool"})
                 log.warning("database_unavailable", error=str(failure) or type(failure).__name__,
