@@ -145,7 +145,7 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
-    from sensor_predictor.model_holder import ModelLoadError
+    from sensor_predictor.model_types import ModelLoadError
     from sensor_predictor.rescore import rescore
 
     try:

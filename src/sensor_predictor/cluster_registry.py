@@ -22,7 +22,7 @@ import structlog
 
 from sensor_predictor import cluster_ids, db
 from sensor_predictor.cluster_ids import Alignment, Centroids
-from sensor_predictor.model_holder import LoadedModel
+from sensor_predictor.model_types import LoadedModel
 
 log = structlog.get_logger("sensor_predictor.clusters")
 

@@ -17,7 +17,7 @@ from sensor_predictor import db
 from sensor_predictor.config import Settings
 from sensor_predictor.drift import DriftTracker, DriftUpdate, distribution_to_json
 from sensor_predictor.metrics import Metrics
-from sensor_predictor.model_holder import LoadedModel
+from sensor_predictor.model_types import LoadedModel
 
 log = structlog.get_logger("sensor_predictor.drift")
 

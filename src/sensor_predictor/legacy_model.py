@@ -30,15 +30,15 @@ from sensor_predictor.model_contract import (
     legacy_sensors,
     profile_feature_sets,
 )
-from sensor_predictor.model_holder import (
+from sensor_predictor.model_types import (
     ActiveRow,
     Bookkeeping,
     LoadedModel,
     ModelLoadError,
-    _first_line,
-    _mlflow_reason,
-    _warnings_logged,
+    first_line,
     mlflow_module,
+    mlflow_reason,
+    warnings_logged,
 )
 
 
@@ -50,10 +50,10 @@ def load_if_legacy(row: ActiveRow, model_name: str,
     try:
         names = {Path(a.path).name for a in client.list_artifacts(row.run_id)}
     except Exception as exc:
-        reason = _mlflow_reason(exc)
+        reason = mlflow_reason(exc)
         if reason == "mlflow_unreachable":
             raise ModelLoadError(reason, f"cannot list the artifacts of run {row.run_id}: "
-                                         f"{_first_line(exc)}") from exc
+                                         f"{first_line(exc)}") from exc
         return None
     # An MLflow 3 client logs the KMeans as a logged model, not under the run's artifacts, so
     # scaler.pkl alone marks the layout; runs:/<run>/kmeans_model resolves either way.
@@ -62,7 +62,7 @@ def load_if_legacy(row: ActiveRow, model_name: str,
     uri = f"runs:/{row.run_id}/{LEGACY_MODEL_ARTIFACT}"
     with tempfile.TemporaryDirectory(prefix="sp-legacy-") as tmp:
         try:
-            with _warnings_logged(row):
+            with warnings_logged(row):
                 kmeans = mlflow.sklearn.load_model(uri)
                 scaler = _unpickle(Path(mlflow.artifacts.download_artifacts(
                     run_id=row.run_id, artifact_path=LEGACY_SCALER_ARTIFACT, dst_path=tmp)))
@@ -75,9 +75,9 @@ def load_if_legacy(row: ActiveRow, model_name: str,
             raise
         except Exception as exc:
             raise ModelLoadError(
-                _mlflow_reason(exc),
+                mlflow_reason(exc),
                 f"cannot load the old trainer's model of run {row.run_id}: "
-                f"{_first_line(exc)}") from exc
+                f"{first_line(exc)}") from exc
     return build_legacy_model(row, model_name, scaler, kmeans, file_profiles,
                               bookkeeping.profiles if bookkeeping else None)
 

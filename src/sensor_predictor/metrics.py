@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import math
+import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -16,10 +20,9 @@ from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 from sensor_predictor.features import REASONS as BAD_READING_REASONS
+from sensor_predictor.model_types import LOAD_FAILURE_REASONS as MODEL_LOAD_FAILURE_REASONS
 
 WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
-MODEL_LOAD_FAILURE_REASONS = ("mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
-                              "feature_mismatch", "probe_failed")
 SUPERVISED_TASKS = ("listener", "model", "poll", "backlog", "shadow", "drift-writer", "health")
 SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
                           "queue_full")
@@ -268,66 +271,208 @@ class Metrics:
 ReadyCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
 
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    # monotonic time since which it has been waiting on its peer (a request head to arrive, or
+    # an answer to be read); None while we work on its request.
+    waiting_since: float | None
+    writer: asyncio.StreamWriter | None = None
+
+    def drop(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+        else:
+            self.sock.close()
+
+
 class MetricsServer:
     """Serves /metrics (Prometheus text) and /ready (200 or 503 with the reasons) over HTTP.
 
-    A small HTTP/1.1 responder on asyncio's own server, for two GET endpoints: a web framework
-    (aiohttp) cost a third of the worker's import time, which is most of a restart.
+    A small HTTP/1.1 responder on asyncio, for two GET endpoints: a web framework (aiohttp) cost
+    a third of the worker's import time, which is most of a restart.
+
+    Its port is often reachable by anyone (0.0.0.0), so what a client can hold is bounded: at
+    most HTTP_MAX_CLIENTS connections (the excess is refused at once, unless it can take the
+    place of a client that has kept it waiting for HTTP_EVICT_AFTER_SECONDS: a scraper gets
+    through a flood of idle connections), a request head of at most HTTP_MAX_HEAD_BYTES, every
+    write done within HTTP_WRITE_SECONDS (a client that never reads its answers is dropped),
+    and HTTP_IDLE_SECONDS to send a request head. It accepts connections itself, one at a
+    time, so that a refused one is closed before the next is accepted: asyncio's own server
+    accepts up to its backlog per wake-up and hands each over a few loop turns later, so a burst
+    holds hundreds of descriptors, past any cap, before the first is refused.
     """
 
-    def __init__(self, metrics: Metrics, ready_check: ReadyCheck) -> None:
+    def __init__(self, metrics: Metrics, ready_check: ReadyCheck, *,
+                 max_clients: int | None = None) -> None:
         self._metrics = metrics
         self._ready_check = ready_check
-        self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._listeners: list[socket.socket] = []
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused: asyncio.TimerHandle | None = None
+        self._max_clients = HTTP_MAX_CLIENTS if max_clients is None else max_clients
         self.port: int | None = None
+        self.refused = 0  # connections turned away at the cap
+        self.evicted = 0  # connections dropped to make room for a new one
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        families = {info[0] for info in infos}
+        bound = port  # with port 0, every address gets the port the first one was given
+        try:
+            for family, type_, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, type_, proto)
+                self._listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and len(families) > 1:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], bound, *address[2:]))
+                sock.listen(HTTP_LISTEN_BACKLOG)
+                sock.setblocking(False)
+                bound = int(sock.getsockname()[1])
+            self.port = bound
+        except OSError:
+            self._close_listeners()
+            raise
+        self._resume()
+
+    def _resume(self) -> None:
+        self._paused = None
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.add_reader(sock, self._accept, sock)
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock)
+            sock.close()
+        self._listeners.clear()
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
-            self._server = None
+        if self._paused is not None:
+            self._paused.cancel()
+        self._close_listeners()
+        for client in list(self._clients):
+            client.drop()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
+    @property
+    def clients(self) -> int:
+        """Connections held now."""
+        return len(self._clients)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(HTTP_ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors (not ours: we hold at most the cap): try again later.
+                    loop = asyncio.get_running_loop()
+                    for sock in self._listeners:
+                        loop.remove_reader(sock)
+                    self._paused = loop.call_later(1.0, self._resume)
+                return  # ECONNABORTED and the like: the peer gave up
+            client = self._admit(conn)
+            if client is None:
+                with contextlib.suppress(OSError):  # non-blocking, best effort
+                    conn.setblocking(False)
+                    conn.send(_REFUSAL)
+                conn.close()
+                continue
+            task = asyncio.get_running_loop().create_task(self._serve(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _admit(self, conn: socket.socket) -> _Client | None:
+        """A new connection, in place of the stalest waiting one at the cap; None: refused."""
+        if len(self._clients) >= self._max_clients:
+            now = time.monotonic()
+            stale = [c for c in self._clients
+                     if c.waiting_since is not None and c.writer is not None
+                     and now - c.waiting_since >= HTTP_EVICT_AFTER_SECONDS]
+            if not stale:
+                self.refused += 1
+                return None
+            victim = min(stale, key=lambda c: c.waiting_since or 0.0)
+            self._clients.discard(victim)
+            victim.drop()
+            self.evicted += 1
+        client = _Client(conn, time.monotonic())
+        self._clients.add(client)
+        return client
+
+    async def _write(self, client: _Client, data: bytes) -> None:
+        """Write, and wait until the transport has taken it, at most HTTP_WRITE_SECONDS."""
+        assert client.writer is not None
+        client.writer.write(data)
+        client.waiting_since = time.monotonic()
+        await asyncio.wait_for(client.writer.drain(), timeout=HTTP_WRITE_SECONDS)
+
+    async def _serve(self, client: _Client) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=client.sock,
+                                                           limit=HTTP_MAX_HEAD_BYTES)
+        except BaseException as exc:
+            self._clients.discard(client)
+            client.sock.close()
+            if isinstance(exc, OSError):
+                return
+            raise
+        client.writer = writer
+        if client not in self._clients:  # evicted meanwhile
+            writer.transport.abort()
+            return
         try:
             while True:  # keep-alive: a scraper may ask again on the same connection
+                client.waiting_since = time.monotonic()
                 try:
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
                                                   timeout=HTTP_IDLE_SECONDS)
-                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                        ConnectionError):
+                except asyncio.LimitOverrunError:
+                    await self._write(client, http_response(
+                        431, b"request head too large\n", "text/plain", close=True))
                     return
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                client.waiting_since = None
                 request = parse_request_head(head)
                 if request is None:
-                    writer.write(http_response(400, b"bad request\n", "text/plain", close=True))
-                    await writer.drain()
+                    await self._write(client, http_response(400, b"bad request\n", "text/plain",
+                                                            close=True))
                     return
                 method, path, headers = request
-                close = headers.get("connection", "").lower() == "close"
+                # A body is never read: answer, then close rather than parse it as a request.
+                close = (headers.get("connection", "").lower() == "close"
+                         or headers.get("content-length", "0") != "0"
+                         or "transfer-encoding" in headers)
                 status, body, content_type = self._route(method, path, headers)
-                writer.write(http_response(status, b"" if method == "HEAD" else body,
-                                           content_type, close=close,
-                                           length=len(body)))
-                await writer.drain()
+                await self._write(client, http_response(
+                    status, b"" if method == "HEAD" else body, content_type, close=close,
+                    length=len(body)))
                 if close:
                     return
-        except ConnectionError:
-            return
+                await asyncio.sleep(0)  # pipelined requests of one client do not hog the loop
+        except (TimeoutError, ConnectionError):
+            return  # a write not taken in time, or the peer gone
         finally:
-            self._clients.discard(task)
-            writer.close()
+            self._clients.discard(client)
+            transport = writer.transport
+            if transport.get_write_buffer_size() > 0:
+                transport.abort()  # close() would wait for a peer that does not read
+            else:
+                writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), timeout=1.0)
 
     def _route(self, method: str, path: str, headers: Mapping[str, str]
                ) -> tuple[int, bytes, str]:
@@ -344,9 +489,23 @@ class MetricsServer:
         return 404, b"not found\n", "text/plain"
 
 
+# Time to send a request head, on a new connection or between requests of a kept-alive one.
 HTTP_IDLE_SECONDS = 30.0
+# Connections served at once: Prometheus (an HA pair), the container's health check and a
+# few people need far fewer.
+HTTP_MAX_CLIENTS = 64
+# At the cap, a new connection may replace one that has waited on its peer this long.
+HTTP_EVICT_AFTER_SECONDS = 1.0
+# Time for the transport to take an answer (a /metrics body is tens of kilobytes).
+HTTP_WRITE_SECONDS = 10.0
+# A request head larger than this is refused (431); a scraper's is a few hundred bytes.
+HTTP_MAX_HEAD_BYTES = 8192
+# Connections the kernel queues for us, and how many we take per wake-up before the loop
+# runs other work.
+HTTP_LISTEN_BACKLOG = 128
+HTTP_ACCEPTS_PER_WAKEUP = 32
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 def parse_request_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
@@ -373,3 +532,6 @@ def http_response(status: int, body: bytes, content_type: str, *, close: bool,
             f"Content-Length: {len(body) if length is None else length}\r\n"
             f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")
     return head.encode("latin-1") + body
+
+
+_REFUSAL = http_response(503, b"too many clients\n", "text/plain", close=True)

@@ -5,8 +5,9 @@ a Pipeline with ordered feature names) and the old trainer's (see legacy_model.p
 of a StandardScaler and a KMeans predicts with numpy alone (kmeans_kernel.py), and once verified
 it is kept in a local cache (model_cache.py), so a restarted worker serves it without importing
 MLflow or scikit-learn. Those two are imported only when a model must be fetched, in a thread.
+The types it deals in (LoadedModel, ActiveRow, ModelLoadError, ...) live in model_types.py.
 
-Longer than most modules (about 510 lines): loading, verifying, the bookkeeping check, the
+Longer than most modules (about 380 lines): loading, verifying, the bookkeeping check, the
 cache and the swap with its backoff are one state machine around `ModelHolder.current`, for
 the active model and for a shadow candidate alike.
 """
@@ -14,23 +15,20 @@ the active model and for a shadow candidate alike.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import numpy as np
-import numpy.typing as npt
 import structlog
 
-from sensor_predictor import db
+from sensor_predictor import cluster_registry, db, legacy_model
 from sensor_predictor.faults import in_daemon_thread
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_cache import CacheEntry, ModelCache
@@ -39,7 +37,16 @@ from sensor_predictor.model_contract import (
     MODEL_ARTIFACT,
     PROPORTIONS_KEY,
     profile_feature_sets,
-    version_label,
+)
+from sensor_predictor.model_types import (
+    ActiveRow,
+    Bookkeeping,
+    LoadedModel,
+    ModelLoadError,
+    first_line,
+    mlflow_module,
+    mlflow_reason,
+    warnings_logged,
 )
 
 log = structlog.get_logger("sensor_predictor.model_holder")
@@ -50,113 +57,18 @@ FEATURE_CHECK_SAMPLE = 100
 FEATURE_CHECK_MIN_SHARE = 0.5
 
 
-class ModelLoadError(Exception):
-    """A model could not be served; `reason` is a stable metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class ActiveRow:
-    """The clusters row that names the model to serve."""
-
-    id: int
-    run_id: str
-    registered_version: int | None
-    n_clusters: int | None
-
-    @property
-    def model_version(self) -> str:
-        """The model_version written with each prediction."""
-        return version_label(self.run_id, self.registered_version)
-
-
-@dataclass(frozen=True)
-class Bookkeeping:
-    """What the clusters row says about its model besides naming it."""
-
-    n_clusters: int | None = None
-    silhouette: float | None = None
-    profiles: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    row: ActiveRow
-    model_name: str
-    feature_names: tuple[str, ...]
-    """The keys read from each reading's values, in the order predict() takes them."""
-    n_clusters: int
-    reference: tuple[float, ...] | None
-    read_query: str = field(repr=False)
-    pipeline: Any = field(default=None, repr=False)
-    """The scikit-learn model, when it came from MLflow (None from the cache)."""
-    kernel: KMeansKernel | None = field(default=None, repr=False)
-    """The numpy predictor of a StandardScaler + KMeans; None: predict through `pipeline`."""
-    legacy: bool = False
-    """The old trainer's layout (an episode model)."""
-    model_features: tuple[str, ...] = ()
-    """The columns the model was fitted on (the 81 episode features of a legacy model)."""
-    source: str = "mlflow"
-    """Where it was loaded from: "mlflow" or "cache"."""
-    stable_ids: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
-    """Label -> stable cluster id (cluster_registry.py), set before the model is first used;
-    None: not aligned yet, the labels are written as they are."""
-
-    @property
-    def version(self) -> str:
-        return self.row.model_version
-
-    @property
-    def run_id(self) -> str:
-        return self.row.run_id
-
-    def stable(self, labels: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """The stable cluster ids of the model's labels."""
-        if self.stable_ids is None:
-            return labels
-        return self.stable_ids[labels]
-
-    def predict(
-        self, matrix: npt.NDArray[np.float64]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64] | None]:
-        """Cluster ids and a confidence per row (1 - nearest / second-nearest centre distance)."""
-        if matrix.shape[0] == 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
-        if self.kernel is not None:
-            return self.kernel.predict(matrix)
-        if hasattr(self.pipeline, "transform") and self.n_clusters >= 2:
-            # One pass gives both: the distances to every centre, and their argmin.
-            distances = np.asarray(self.pipeline.transform(matrix), dtype=np.float64)
-            labels = np.argmin(distances, axis=1).astype(np.int64)
-            two = np.partition(distances, 1, axis=1)[:, :2]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                confidence = np.where(two[:, 1] > 0, 1.0 - two[:, 0] / two[:, 1], 1.0)
-            return labels, confidence
-        return np.asarray(self.pipeline.predict(matrix), dtype=np.int64), None
-
-
-def mlflow_module() -> Any:
-    """MLflow, imported on first use (2-5 s with scikit-learn): only a fetch pays for it."""
-    import mlflow
-
-    return mlflow
-
-
 def load_and_verify(row: ActiveRow, model_name: str,
                     bookkeeping: Bookkeeping | None = None) -> LoadedModel:
     """Blocking: fetch the run's model from MLflow and check it can serve. Runs in a thread."""
     mlflow = mlflow_module()
     uri = f"runs:/{row.run_id}/{MODEL_ARTIFACT}"
     try:
-        with _warnings_logged(row):
+        with warnings_logged(row):
             info = mlflow.models.get_model_info(uri)
             pipeline = mlflow.sklearn.load_model(uri)
     except Exception as exc:
-        failure = ModelLoadError(_mlflow_reason(exc),
-                                 f"cannot load {uri} from MLflow: {_first_line(exc)}")
+        failure = ModelLoadError(mlflow_reason(exc),
+                                 f"cannot load {uri} from MLflow: {first_line(exc)}")
         if failure.reason == "mlflow_unreachable":
             raise failure from exc
         return _verified(_legacy_or_raise(row, model_name, bookkeeping, failure), uri)
@@ -194,8 +106,6 @@ def load_and_verify(row: ActiveRow, model_name: str,
 def _legacy_or_raise(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
                      failure: ModelLoadError) -> LoadedModel:
     """The run in the old trainer's layout, when it is one; else `failure`."""
-    from sensor_predictor import legacy_model
-
     model = legacy_model.load_if_legacy(row, model_name, bookkeeping)
     if model is None:
         raise failure
@@ -207,31 +117,11 @@ def _verified(model: LoadedModel, uri: str) -> LoadedModel:
         labels, _ = model.predict(np.zeros((1, len(model.feature_names)), dtype=np.float64))
     except Exception as exc:
         raise ModelLoadError("probe_failed",
-                             f"{uri} fails on a probe row: {_first_line(exc)}") from exc
+                             f"{uri} fails on a probe row: {first_line(exc)}") from exc
     if not 0 <= int(labels[0]) < model.n_clusters:
         raise ModelLoadError("probe_failed",
                              f"{uri} predicts cluster {int(labels[0])} for a probe row")
     return model
-
-
-@contextlib.contextmanager
-def _warnings_logged(row: ActiveRow) -> Iterator[None]:
-    """Warnings raised while unpickling a model (say, scikit-learn's InconsistentVersionWarning
-    for a model pickled by another version) are logged, not raised or printed."""
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        yield
-    def text(w: warnings.WarningMessage) -> str:
-        return f"{w.category.__name__}: {_first_line_text(str(w.message))}"
-
-    # The model's own (scikit-learn's) warnings concern the operator; MLflow's dependencies'
-    # deprecation notices (SQLAlchemy, pydantic) do not.
-    about_model = sorted({text(w) for w in seen if w.category.__module__.startswith("sklearn")})
-    others = sorted({text(w) for w in seen} - set(about_model))
-    if about_model:
-        log.warning("model_load_warnings", run_id=row.run_id, warnings=about_model)
-    if others:
-        log.debug("model_load_library_warnings", run_id=row.run_id, warnings=others)
 
 
 def bookkeeping_mismatches(model: LoadedModel, bookkeeping: Bookkeeping | None
@@ -267,25 +157,6 @@ def _cluster_count(pipeline: Any) -> int | None:
         return len(centers)
     n = getattr(final, "n_clusters", None)
     return int(n) if isinstance(n, int) else None
-
-
-def _mlflow_reason(exc: Exception) -> str:
-    text = f"{type(exc).__name__} {exc}".lower()
-    if any(word in text for word in ("connection", "max retries", "timed out", "unreachable")):
-        return "mlflow_unreachable"
-    if any(word in text for word in ("not found", "does not exist", "no such file",
-                                      "resource_does_not_exist")):
-        return "not_found"
-    return "load_failed"
-
-
-def _first_line(exc: BaseException) -> str:
-    return _first_line_text(str(exc)) or type(exc).__name__
-
-
-def _first_line_text(text: str) -> str:
-    lines = text.strip().splitlines()
-    return (lines[0] if lines else "")[:300]
 
 
 async def _check_features_in_readings(pool: asyncpg.Pool, names: Sequence[str]) -> None:
@@ -410,8 +281,6 @@ class ModelHolder:
                 await asyncio.to_thread(self._store, model)
             if self.role == "candidate":
                 return True  # the active model stays the reference; no notice is its own
-            from sensor_predictor import cluster_registry
-
             try:  # the reference for the next model's alignment; never fatal
                 await cluster_registry.mark_served(pool, model.version)
             except asyncpg.PostgresError as exc:
@@ -425,8 +294,6 @@ class ModelHolder:
     async def _aligned(self, pool: asyncpg.Pool, model: LoadedModel) -> LoadedModel:
         """The model with its stable cluster ids, aligned (the first time it is used) against
         the model it replaces."""
-        from sensor_predictor import cluster_registry
-
         if self._reference is not None:
             reference = self._reference()
         else:
@@ -482,8 +349,8 @@ class ModelHolder:
                 sensors=len(model.feature_names), model_features=len(model.model_features),
                 note="a model of the old trainer, fitted on failure-episode aggregates, scores "
                      "single readings (value for _mean/_min/_max, 0 for _std and duration) as "
-                     "the old predictor did; retrain with `sensor-predictor train` (README: "
-                     "Serving the old trainer's models)")
+                     "the old predictor did; retrain with `sensor-predictor train` (docs/"
+                     "replacing-the-old-predictor.md: Serving the old trainer's models)")
 
     def _record_failure(self, row: ActiveRow, reason: str, message: str) -> None:
         self._failures = self._failures + 1 if row == self._failed_row else 1

@@ -9,7 +9,8 @@ import structlog
 
 from sensor_predictor import cluster_registry, db, features
 from sensor_predictor.config import Settings
-from sensor_predictor.model_holder import ActiveRow, configure_mlflow, load_and_verify
+from sensor_predictor.model_holder import configure_mlflow, load_and_verify
+from sensor_predictor.model_types import ActiveRow
 
 log = structlog.get_logger("sensor_predictor.rescore")
 

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from sensor_predictor import db, features
 from sensor_predictor.features import BadReading
-from sensor_predictor.model_holder import LoadedModel
+from sensor_predictor.model_types import LoadedModel
 
 
 @dataclass(frozen=True)

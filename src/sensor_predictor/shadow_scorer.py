@@ -25,7 +25,7 @@ import structlog
 from sensor_predictor import db, features
 from sensor_predictor.config import Settings
 from sensor_predictor.metrics import Metrics
-from sensor_predictor.model_holder import LoadedModel
+from sensor_predictor.model_types import LoadedModel
 from sensor_predictor.scoring import BatchResult
 from sensor_predictor.shadow import Evaluation, ShadowWindow, WindowSample, evaluate
 

@@ -30,7 +30,8 @@ from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
 from sensor_predictor.migrate import MigrationError, migrate
 from sensor_predictor.model_cache import ModelCache
-from sensor_predictor.model_holder import LoadedModel, ModelHolder, configure_mlflow
+from sensor_predictor.model_holder import ModelHolder, configure_mlflow
+from sensor_predictor.model_types import LoadedModel
 from sensor_predictor.scoring import (
     PROGRESS,
     BatchResult,

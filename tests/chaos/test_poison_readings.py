@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
-import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.training import activate_model
-from tests.support.chaos import GOOD_ROWS, check_invariant, machine_id, served, settled
+from tests.support.chaos import (
+    GOOD_ROWS,
+    check_invariant,
+    machine_id,
+    served,
+    wait_settled,
+)
 from tests.support.chaos_fixtures import Workers
 from tests.support.databases import Database
 from tests.support.models import Models
@@ -74,9 +78,7 @@ async def _insert(db: Database, rows: list[str]) -> list[int]:
 async def _outcome(db: Database, ids: list[int], within: float) -> dict[int, list[str]]:
     conn = await db.connect()
     try:
-        deadline = time.monotonic() + within
-        while not await settled(conn) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await wait_settled(conn, within)
         results: dict[int, list[str]] = {i: [] for i in ids}
         for r in await conn.fetch(
                 "SELECT reading_id, 'predicted' AS what FROM predictions"

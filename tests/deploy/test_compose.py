@@ -24,7 +24,8 @@ OUR_SERVICES = {
     "simulator": "simulate",
     "predictor": "run",
 }
-EXPECTED_SERVICES = {*OUR_SERVICES, "postgres", "mlflow", "prometheus", "grafana"}
+EXPECTED_SERVICES = {*OUR_SERVICES, "postgres", "mlflow", "prometheus", "alertmanager",
+                     "grafana"}
 
 DEPENDENCIES = [
     ("migrate", "postgres", "service_healthy"),

@@ -5,8 +5,9 @@ started with the compose service's own flags.
 Only what points at other containers is rewritten: the hosts and ports (postgres, mlflow, the
 metrics port), the secret file's path (a temp file holding the local password), the PostgreSQL
 user and database (the local server's, and a fresh empty database per test), and the mlflow
-service's data paths. Everything else (subcommands, flags, variables) is taken as compose.yaml
-has it, so a typo in a service's command or environment fails here.
+service's data paths (and its server processes: one, where compose leaves mlflow's default).
+Everything else (subcommands, flags, variables) is taken as compose.yaml has it, so a typo in a
+service's command or environment fails here.
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def compose_mlflow(tmp_path: Path) -> Iterator[MlflowServer]:
     command = with_flag(command, "--artifacts-destination", str(root / "artifacts"))
     command = with_flag(command, "--host", "127.0.0.1")
     command = with_flag(command, "--port", str(port))
+    if "--workers" not in command and "-w" not in command:
+        # mlflow's default is 4 server processes, each importing MLflow: 2-3 x the start time
+        # on a busy 2-core machine, for a test that sends a handful of requests.
+        command = [*command, "--workers", "1"]
     if "--allowed-hosts" in command:  # the compose port, in Host headers, is ours here
         hosts = flag_value(command, "--allowed-hosts").replace(":5000", f":{port}")
         command = with_flag(command, "--allowed-hosts", hosts)

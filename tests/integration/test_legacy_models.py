@@ -33,7 +33,8 @@ from sensor_predictor.devtools.mlflow_server import mlflow_env
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.legacy_model import build_legacy_model
 from sensor_predictor.model_contract import FEATURE_NAMES, legacy_feature_order
-from sensor_predictor.model_holder import ActiveRow, Bookkeeping, ModelLoadError, load_and_verify
+from sensor_predictor.model_holder import load_and_verify
+from sensor_predictor.model_types import ActiveRow, Bookkeeping, ModelLoadError
 from sensor_predictor.simulator import generate_feature_matrix
 from sensor_predictor.training import activate_model
 from tests.support import ROOT

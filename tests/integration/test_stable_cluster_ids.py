@@ -135,7 +135,8 @@ async def test_rescore_aligns_a_model_at_its_first_use_and_one_more_cluster_gets
     """3 clusters served, then a 4-cluster model used for the first time by rescore: aligned
     against the model served last, the three old ids survive and one new id appears."""
     from sensor_predictor import cluster_registry
-    from sensor_predictor.model_holder import ActiveRow, configure_mlflow, load_and_verify
+    from sensor_predictor.model_holder import configure_mlflow, load_and_verify
+    from sensor_predictor.model_types import ActiveRow
 
     configure_mlflow(models.store.uri)
     three = await asyncio.to_thread(load_and_verify, ActiveRow(0, *models.v2, None), "m")

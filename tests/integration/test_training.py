@@ -14,7 +14,8 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.config import Settings, load_settings
-from sensor_predictor.model_holder import ActiveRow, load_and_verify
+from sensor_predictor.model_holder import load_and_verify
+from sensor_predictor.model_types import ActiveRow
 from sensor_predictor.simulator import FEATURE_NAMES, run_simulation
 from sensor_predictor.training import (
     EXPERIMENT_NAME,

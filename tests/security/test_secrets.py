@@ -35,7 +35,9 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path, until: tuple[str, ...]
     `scrape`, its /metrics and /ready are read first and added to the output."""
     out = cwd / f"out-{uuid.uuid4().hex[:6]}.txt"
     port = free_port()
-    full_env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    # The models a worker verifies are cached in the test's folder, never the user's ~/.cache.
+    full_env = {**os.environ, "MODEL_CACHE_DIR": str(cwd / "model-cache"),
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "3", "METRICS_HOST": "127.0.0.1",
                 "METRICS_PORT": str(port), "HEARTBEAT_SECONDS": "1", **env}
     pages = ""
@@ -149,6 +151,7 @@ async def test_no_password_in_any_output_of_run_migrate_and_train(
            lost="-", duplicated="-", recovery="n/a",
            detail="; ".join(summary) + f"; leaks: {len(leaks)}")
     assert leaks == []
+    assert any((tmp_path / "model-cache").iterdir()), "no model cached in the test folder"
 
 
 @pytest.mark.timeout(120)

@@ -120,19 +120,22 @@ def served_models(pg_server: PgServer, template_db: str, mlflow_server: MlflowSe
 
 WorkerFactory = Callable[..., WorkerProcess]
 
-# Workers a test is done with, still in their interpreter's exit: reaped at the end of the run.
+# Workers a test is done with, still in their interpreter's exit: each is reaped by a thread of
+# its own the moment it exits; the end of the run waits for any that has not.
 _EXITING: list[WorkerProcess] = []
 
 
 def stop_workers(workers: list[WorkerProcess]) -> None:
     """A test's teardown: SIGTERM to all at once, then wait until each has stopped its work
     (its results committed, its connections closed), not for the interpreter's exit after it
-    (about a second once MLflow is imported); that one ends beside the next test."""
+    (about a second once MLflow is imported); that one ends beside the next test, and is
+    reaped as it ends (no <defunct> process piles up over a run)."""
     for w in workers:
         w.request_stop()
     for w in workers:
         w.wait_stopped()
-    _EXITING.extend(workers)
+        w.reap_in_background()
+    _EXITING.extend(w for w in workers if w.proc is not None and w.proc.poll() is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,7 +18,7 @@ from sensor_predictor import db
 from sensor_predictor.devtools.legacy_trainer import fit_legacy, old_predictor_labels
 from sensor_predictor.kmeans_kernel import KMeansKernel, from_parts, from_pipeline
 from sensor_predictor.model_contract import FEATURE_NAMES, legacy_columns
-from sensor_predictor.model_holder import ActiveRow, LoadedModel
+from sensor_predictor.model_types import ActiveRow, LoadedModel
 from sensor_predictor.simulator import generate_feature_matrix
 
 

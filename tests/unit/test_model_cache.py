@@ -16,12 +16,8 @@ from sensor_predictor import db
 from sensor_predictor.config import load_settings
 from sensor_predictor.kmeans_kernel import KMeansKernel, from_pipeline
 from sensor_predictor.model_cache import CacheEntry, ModelCache
-from sensor_predictor.model_holder import (
-    ActiveRow,
-    Bookkeeping,
-    LoadedModel,
-    bookkeeping_mismatches,
-)
+from sensor_predictor.model_holder import bookkeeping_mismatches
+from sensor_predictor.model_types import ActiveRow, Bookkeeping, LoadedModel
 
 URI = "http://mlflow:5000"
 

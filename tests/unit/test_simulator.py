@@ -143,20 +143,20 @@ def test_drift_raises_the_episode_rate() -> None:
 
 
 def test_window_divergence_of_the_normal_stream_stays_far_below_the_threshold(
-    model: tuple[Pipeline, npt.NDArray[np.float64]], record_property: Any,
+    model: tuple[Pipeline, npt.NDArray[np.float64]], record_testsuite_property: Any,
 ) -> None:
     pipeline, reference = model
     stream = Simulator(machines=10, seed=1).next_block(200_000)
     scores = _window_js(pipeline.predict(stream.values), reference)
     assert len(scores) == 2_000
     worst = max(scores)
-    record_property("max_window_js", worst)
+    record_testsuite_property("max_window_js", worst)
     print(f"normal stream: max window JS {worst:.4f}, mean {np.mean(scores):.5f}")
     assert worst < 0.05 < THRESHOLD
 
 
 def test_a_drift_tracker_over_a_million_readings_raises_nothing(
-    model: tuple[Pipeline, npt.NDArray[np.float64]], record_property: Any,
+    model: tuple[Pipeline, npt.NDArray[np.float64]], record_testsuite_property: Any,
 ) -> None:
     pipeline, reference = model
     labels = pipeline.predict(Simulator(machines=10, seed=2).next_block(1_000_000).values)
@@ -171,7 +171,7 @@ def test_a_drift_tracker_over_a_million_readings_raises_nothing(
         update = tracker.update(batch)
         assert update.event is None
         worst = max(worst, update.score or 0.0)
-    record_property("tracker_max_js", worst)
+    record_testsuite_property("tracker_max_js", worst)
     print(f"tracker over 1,000,000 readings: max JS {worst:.4f}")
     assert worst < 0.05
 
@@ -186,13 +186,13 @@ def test_other_fleet_sizes_look_alike(
 
 
 def test_the_drifted_stream_exceeds_the_threshold(
-    model: tuple[Pipeline, npt.NDArray[np.float64]], record_property: Any,
+    model: tuple[Pipeline, npt.NDArray[np.float64]], record_testsuite_property: Any,
 ) -> None:
     pipeline, reference = model
     drifted = Simulator(machines=10, seed=3, drift=True).next_block(20_000)
     scores = _window_js(pipeline.predict(drifted.values), reference)
     mean = float(np.mean(scores))
-    record_property("drifted_mean_js", mean)
+    record_testsuite_property("drifted_mean_js", mean)
     print(f"drifted stream: mean window JS {mean:.4f}, min {min(scores):.4f}")
     assert mean > 2 * THRESHOLD
     assert min(scores) > THRESHOLD  # every window, the first one included

@@ -49,9 +49,7 @@ import asyncio
 import os
 import sys
 
-__all__ = ["DEMO_POSTGRES_ENV", "run_demo"]
-
-DEMO_POSTGRES_ENV = "DEMO_POSTGRES"
+__all__ = ["run_demo"]
 
 
 def run_demo(args: argparse.Namespace) -> int:

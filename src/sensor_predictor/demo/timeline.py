@@ -27,7 +27,7 @@ import asyncpg
 
 from sensor_predictor import db
 from sensor_predictor.config import Settings
-from sensor_predictor.demo import DEMO_POSTGRES_ENV, summary
+from sensor_predictor.demo import summary
 from sensor_predictor.demo.console import Console
 from sensor_predictor.demo.postgres import (
     DemoError,
@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 Mode = Literal["auto", "env", "binaries", "embedded"]
 MODES: tuple[Mode, ...] = ("auto", "env", "binaries", "embedded")
+DEMO_POSTGRES_ENV = "DEMO_POSTGRES"  # forces one of MODES
 
 CLUSTERS = 4
 MACHINES = 10

@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -174,7 +176,8 @@ class WorkerProcess:
     def wait_stopped(self, timeout: float = 15) -> None:
         """Until it has exited or logged worker_stopped: its work is committed and its
         connections closed; what is left is the interpreter's own exit, about a second once it
-        has imported MLflow. SIGKILL after `timeout`. `stop` (or `wait`) reaps it later."""
+        has imported MLflow. SIGKILL after `timeout`. `reap_in_background` (or `stop`, `wait`)
+        reaps it."""
         if self.proc is None:
             return
         deadline = time.monotonic() + timeout
@@ -183,6 +186,14 @@ class WorkerProcess:
                 self.proc.kill()
                 return
             time.sleep(0.02)
+
+    def reap_in_background(self, timeout: float = 30) -> threading.Thread | None:
+        """Reap the process the moment it exits, from a daemon thread, so that a caller done
+        with it need not wait for its interpreter's exit and no <defunct> entry stays behind.
+        SIGKILL if it still runs after `timeout`."""
+        if self.proc is None:
+            return None
+        return reap_when_exits(self.proc, timeout, self._log.close)
 
     def _log_tail(self, n: int = 2048) -> bytes:
         """The last `n` bytes this start wrote to the log."""
@@ -224,3 +235,21 @@ class WorkerProcess:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
+
+
+def reap_when_exits(proc: subprocess.Popen[bytes], timeout: float = 30,
+                    then: Callable[[], object] | None = None) -> threading.Thread:
+    """Wait for `proc` in a daemon thread (SIGKILL after `timeout`), which reaps it as it exits;
+    `then` runs after. A child nobody waits for stays a zombie until its parent ends."""
+    def reap() -> None:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if then is not None:
+            then()
+
+    thread = threading.Thread(target=reap, name=f"reap-{proc.pid}", daemon=True)
+    thread.start()
+    return thread
