@@ -26,7 +26,7 @@ from sensor_predictor.model_contract import version_label
 log = structlog.get_logger("sensor_predictor.model_holder")
 
 LoadFailureReason = Literal["mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
-                            "feature_mismatch", "probe_failed"]
+                            "feature_mismatch", "probe_failed", "cluster_mapping_mismatch"]
 LOAD_FAILURE_REASONS: tuple[LoadFailureReason, ...] = typing.get_args(LoadFailureReason)
 """Every reason a model load fails with, in the order the metric's series are created."""
 

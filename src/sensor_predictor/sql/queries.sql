@@ -469,3 +469,7 @@ SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start,
 
 -- name: index_build_phase
 SELECT phase FROM pg_stat_progress_create_index WHERE pid = $1;
+
+-- name: cluster_model_run
+-- The run whose stable-id mapping is stored under a version label (NULL: none yet).
+SELECT mlflow_run_id FROM cluster_models WHERE model_version = $1;
