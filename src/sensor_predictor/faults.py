@@ -116,8 +116,8 @@ async def supervise(name: str, run: Callable[[], Awaitable[Any]], *, stopping: a
                 return
             error, kind = describe(exc), classify(exc)
             log.error("task_failed", task=name, error=error, kind=kind, exc_info=exc)
-        on_restart(name)
         health.mark_down(name, error)
+        on_restart(name)
         if time.monotonic() - started >= HEALTHY_RUN_SECONDS:
             delay = RESTART_BACKOFF[0]
         if kind == CONFIGURATION:

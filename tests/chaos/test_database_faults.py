@@ -145,3 +145,30 @@ async def test_database_faults_then_an_activation_swap_within_a_bound_and_ready_
     report(scenario="23. database faults, then an activation", runs=1, readings="n/a",
            lost=0, duplicated=0, recovery=", ".join(f"{n}: swap {s:.1f} s" for n, s in swaps),
            detail="cancel storm, statement_timeout, too many connections, read-only server")
+
+
+@pytest.mark.slow
+async def test_an_active_model_that_cannot_be_served_shows_as_a_mismatch(
+        chaos_conn: asyncpg.Connection, chaos_models: Models, workers: Workers) -> None:
+    """A replica that cannot load the new model keeps scoring with the old one: the gauge says
+    for how long, and /ready fails past MODEL_MISMATCH_READY_SECONDS."""
+    conn = chaos_conn
+    await activate_model(conn, *chaos_models.v1)
+    worker = workers.start(MODEL_MISMATCH_READY_SECONDS="2")
+    await asyncio.to_thread(worker.wait_ready)
+    assert worker.metric("sensor_model_mismatch_seconds") == 0
+    await activate_model(conn, *chaos_models.wrong_features)  # its features match no reading
+    deadline = time.monotonic() + 10
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        ready, state = await _ready(worker)
+        if not ready:
+            break
+        await asyncio.sleep(0.2)
+    assert state.get("model_mismatch_s", 0) > 2, state
+    assert state["model_version"] == str(chaos_models.v1[1])
+    assert state["active_model_version"] == str(chaos_models.wrong_features[1])
+    assert (worker.metric("sensor_model_mismatch_seconds") or 0) >= 1
+    await activate_model(conn, *chaos_models.v1)  # back to a model it can serve
+    assert await asyncio.to_thread(worker.wait_ready, 10)
+    assert worker.metric("sensor_model_mismatch_seconds") == 0
