@@ -216,6 +216,7 @@ class Worker:
                              shadow_version=None if candidate is None else candidate.version)
 
     def _update_ready(self) -> None:
+        self.metrics.model_mismatch.set({}, self.model_mismatch_seconds())
         self.metrics.ready.set({}, 1 if self.readiness()[0] else 0)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -271,7 +272,6 @@ class Worker:
     async def _health(self) -> None:
         """The served-vs-active gauge and the ready gauge, every HEALTH_TICK_SECONDS."""
         while True:
-            self.metrics.model_mismatch.set({}, self.model_mismatch_seconds())
             self._update_ready()
             await asyncio.sleep(HEALTH_TICK_SECONDS)
 
@@ -417,7 +417,7 @@ class Worker:
             if "model" in self.health.down:
                 self.health.mark_up("model")
                 log.info("model_check_recovered")
-                self._update_ready()
+            self._update_ready()  # the mismatch gauge follows what the check saw
 
     async def _refresh_candidate(self) -> None:
         """Follow model_candidates; whatever goes wrong there never stops the active model's
@@ -437,6 +437,7 @@ class Worker:
     async def _model_changed(self, model: LoadedModel | None) -> None:
         assert self.pool is not None
         self.metrics.set_model(model)
+        self._update_ready()
         if model is not None:
             try:  # a candidate promoted: its shadow scoring ends, its rows stay
                 await self.pool.execute(db.queries()["mark_candidate_promoted"], model.run_id)
