@@ -106,7 +106,7 @@ async def test_sigterm_during_a_hung_mlflow_fetch(
     with _silent_server() as uri:
         worker = workers.start(MLFLOW_TRACKING_URI=uri, MODEL_CACHE_DIR="off")
         await _event(worker, "listening", within=30)
-        await asyncio.sleep(2.0)  # the fetch has started, and hangs
+        await asyncio.sleep(1.0)  # the fetch has started, and hangs
         assert worker.ready() is not None and not worker.ready()["ready"]  # type: ignore[index]
         took, code = await _term_and_time(worker)
     assert took < GRACE, (took, worker.tail())
@@ -119,7 +119,8 @@ async def test_sigterm_with_a_stuck_lane_and_its_claim_is_taken_over(
         workers: Workers) -> None:
     conn = chaos_conn
     await activate_model(conn, *chaos_models.v1)
-    worker = workers.start()
+    # A shorter grace than the default: the setting is obeyed, and the test is quicker.
+    worker = workers.start(SHUTDOWN_GRACE_SECONDS="4")
     await asyncio.to_thread(worker.wait_ready)
     machine = await machine_id(conn, "stuck")
     blocker = await chaos_db.connect()
@@ -132,7 +133,7 @@ async def test_sigterm_with_a_stuck_lane_and_its_claim_is_taken_over(
             " AND wait_event_type = 'Lock'"), timeout=10, interval=0.05)
         assert stuck, worker.tail()
         took, code = await _term_and_time(worker)
-        assert took < GRACE and code == 0, (took, code, worker.tail())
+        assert took < 4 and code == 0, (took, code, worker.tail())
         assert [e for e in worker.events() if e.get("event") == "lanes_cancelled"]
     finally:
         await blocker.execute("ROLLBACK")
