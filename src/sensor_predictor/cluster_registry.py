@@ -22,7 +22,7 @@ import structlog
 
 from sensor_predictor import cluster_ids, db
 from sensor_predictor.cluster_ids import Alignment, Centroids
-from sensor_predictor.model_types import LoadedModel
+from sensor_predictor.model_types import LoadedModel, ModelLoadError
 
 log = structlog.get_logger("sensor_predictor.clusters")
 
@@ -130,6 +130,17 @@ async def _ensure_aligned(conn: asyncpg.Connection, model: LoadedModel,
 
 
 async def _stored(conn: asyncpg.Connection, model: LoadedModel) -> Lookup | None:
+    """The stored mapping of (model.version, model.run_id); None when there is none. A mapping
+    stored under this version label for another run is refused (ModelLoadError): a hand
+    activation that reuses a version label never inherits another model's ids."""
+    stored_run = await conn.fetchval(db.queries()["cluster_model_run"], model.version)
+    if stored_run is not None and stored_run != model.run_id:
+        raise ModelLoadError(
+            "cluster_mapping_mismatch",
+            f"model version {model.version!r} of run {model.run_id} cannot be served: the "
+            f"stable-id mapping stored for version {model.version!r} belongs to run "
+            f"{stored_run} (a version label reused for another model?). Activate it under "
+            "its own version label")
     rows = await conn.fetch(db.queries()["cluster_stored_mapping"], model.version)
     if not rows:
         return None

@@ -100,6 +100,12 @@ class Settings:
     # Where models may be read from (model_sources.py): tracking and artifact URI prefixes.
     # Empty: the tracking URI itself (and a local store's folder), nothing else.
     model_sources_allowed: tuple[str, ...] = ()
+    # Faults (docs/faults.md). SIGTERM to exit, whatever is stuck: below Docker's 10 s.
+    shutdown_grace_seconds: float = 8.0
+    # /ready fails once the active model has differed from the served one this long.
+    model_mismatch_ready_seconds: float = 60.0
+    # A replica waits this long for another one's migration before it gives up (exit 1).
+    migration_wait_seconds: float = 300.0
 
     @property
     def drift_exit_level(self) -> float:
@@ -335,6 +341,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "POSTGRES_LISTEN_HOST": ("listen_host", _hosts),
     "POSTGRES_LISTEN_PORT": ("listen_port", _port),
     "POLL_ONLY": ("poll_only", _boolean),
+    "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
+    "MODEL_MISMATCH_READY_SECONDS": ("model_mismatch_ready_seconds", _positive_float),
+    "MIGRATION_WAIT_SECONDS": ("migration_wait_seconds", _positive_float),
 }
 
 # libpq's own variables, read when the POSTGRES_* one is not set (POSTGRES_* win).

@@ -56,14 +56,14 @@ class DriftMonitor:
         # A restart in the middle of an excursion resumes it instead of reporting it again.
         try:
             open_row = await pool.fetchval(db.queries()["open_drift_excursion"], model.version)
-        except db.UNAVAILABLE as exc:
+        except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
             # Tracking starts regardless; the unique index still keeps the excursion one row.
             log.warning("drift_resume_unknown", error=str(exc) or type(exc).__name__)
             open_row = None
         # The previous model's excursion, if one is open, ends with that model.
         try:
             await pool.execute(db.queries()["close_other_drift_rows"], model.version)
-        except db.UNAVAILABLE as exc:
+        except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
             log.warning("drift_rows_not_closed", error=str(exc) or type(exc).__name__)
         self._tracker = DriftTracker(
             n_clusters=model.n_clusters,
@@ -134,6 +134,12 @@ class DriftMonitor:
                 log.warning("drift_rows_unwritten", pending=self._writes.qsize())
             self._writer.cancel()
 
+    async def run_writer(self, pool: asyncpg.Pool) -> None:
+        """The drift rows' writer, run (and supervised) by the worker: start_model then starts
+        none of its own."""
+        self._writer = asyncio.current_task()
+        await self._write_forever(pool)
+
     async def _write_forever(self, pool: asyncpg.Pool) -> None:
         q = db.queries()
         while True:
@@ -150,7 +156,7 @@ class DriftMonitor:
                 else:
                     log.error("drift_write_failed", kind=item.kind,
                               model_version=item.model_version)
-            except asyncpg.PostgresError as exc:
+            except Exception as exc:  # one row lost (at-most-once), never the writer
                 log.error("drift_write_failed", kind=item.kind, error=str(exc))
             finally:
                 self._writes.task_done()

@@ -23,8 +23,21 @@ NULL_VALUE = "null_value"
 NOT_A_NUMBER = "not_a_number"
 NOT_FINITE = "not_finite"
 OUT_OF_RANGE = "out_of_range"
+# A reading that is hostile or broken beyond a wrong value (docs/faults.md): its JSON text is
+# larger than MAX_READING_CHARS, nested deeper than Python's parser goes, or its check raised
+# something unforeseen. Each is one error row; the rest of its batch is scored.
+TOO_LARGE = "too_large"
+TOO_DEEP = "too_deep"
+UNPARSEABLE = "unparseable"
 REASONS = (VALUES_MISSING, NOT_AN_OBJECT, MISSING_SENSOR, NULL_VALUE, NOT_A_NUMBER, NOT_FINITE,
-           OUT_OF_RANGE)
+           OUT_OF_RANGE, TOO_LARGE, TOO_DEEP, UNPARSEABLE)
+
+# A reading of ours is ~1 KB of JSON; one beyond this is refused before it is parsed, so that a
+# value of hundreds of MB (jsonb allows ~255 MB) never makes the worker build its objects.
+MAX_READING_CHARS = 1_000_000
+# An integer literal longer than this is beyond float8 anyway (and Python refuses to convert
+# one longer than 4,300 digits): it reads as infinity, as PostgreSQL's cast says out of range.
+_MAX_INT_DIGITS = 400
 
 Matrix = npt.NDArray[np.float64]
 
@@ -70,14 +83,57 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def classify(reading_id: int, raw: str | None, feature_names: Sequence[str]) -> BadReading | None:
-    """Why a reading's JSON cannot give the model's features, or None when it can."""
+def _parse_int(text: str) -> float | int:
+    digits = len(text) - (text[0] in "+-")
+    if digits > _MAX_INT_DIGITS:
+        return -math.inf if text[0] == "-" else math.inf
+    return int(text)
+
+
+def decode(reading_id: int, raw: str | None) -> Any:
+    """The reading's JSON, or the BadReading that says why there is none. Never raises."""
     if raw is None:
         return BadReading(reading_id, VALUES_MISSING, "values is NULL")
     try:
-        values = json.loads(raw)
+        if len(raw) > MAX_READING_CHARS:
+            return BadReading(reading_id, TOO_LARGE,
+                              f"values is {len(raw):,} characters of JSON, beyond "
+                              f"{MAX_READING_CHARS:,}")
+        return json.loads(raw, parse_int=_parse_int)
+    except RecursionError:
+        return BadReading(reading_id, TOO_DEEP, "values is nested too deep to be read")
+    except MemoryError:
+        return BadReading(reading_id, TOO_LARGE, "values is too large to be read")
     except ValueError:
         return BadReading(reading_id, NOT_AN_OBJECT, "values is not valid JSON")
+    except Exception as exc:  # whatever else a hostile value does: one error row, never a loop
+        return BadReading(reading_id, UNPARSEABLE, f"values cannot be read: {type(exc).__name__}")
+
+
+def classify(reading_id: int, raw: str | None, feature_names: Sequence[str]) -> BadReading | None:
+    """Why a reading's JSON cannot give the model's features, or None when it can."""
+    checked = _check(reading_id, raw, feature_names)
+    return checked if isinstance(checked, BadReading) else None
+
+
+def _check(reading_id: int, raw: str | None, feature_names: Sequence[str]
+           ) -> BadReading | list[float]:
+    """The reading's features in `feature_names` order, or why it has none. Never raises."""
+    values = decode(reading_id, raw)
+    if isinstance(values, BadReading):
+        return values
+    try:
+        return _features(reading_id, values, feature_names)
+    except RecursionError:
+        return BadReading(reading_id, TOO_DEEP, "values is nested too deep to be read")
+    except MemoryError:
+        return BadReading(reading_id, TOO_LARGE, "values is too large to be read")
+    except Exception as exc:
+        return BadReading(reading_id, UNPARSEABLE, f"values cannot be read: {type(exc).__name__}")
+
+
+def _features(reading_id: int, values: Any, feature_names: Sequence[str]
+              ) -> BadReading | list[float]:
     if not isinstance(values, dict):
         return BadReading(reading_id, NOT_AN_OBJECT,
                           f"values is a JSON {_json_type(values)}, not an object")
@@ -87,6 +143,7 @@ def classify(reading_id: int, raw: str | None, feature_names: Sequence[str]) -> 
     nulls = [name for name in feature_names if values[name] is None]
     if nulls:
         return BadReading(reading_id, NULL_VALUE, _list_detail("null", nulls))
+    numbers: list[float] = []
     for name in feature_names:
         value = values[name]
         number = _number(value)
@@ -99,7 +156,8 @@ def classify(reading_id: int, raw: str | None, feature_names: Sequence[str]) -> 
         if not abs(number) <= MAX_ABS_VALUE:  # a literal beyond float8 arrives as inf
             return BadReading(reading_id, OUT_OF_RANGE,
                               f"{name}={_short(value)} is beyond +-{MAX_ABS_VALUE:g}")
-    return None
+        numbers.append(number)
+    return numbers
 
 
 def parse_raw(
@@ -110,13 +168,12 @@ def parse_raw(
     good_rows: list[list[float]] = []
     bad: list[BadReading] = []
     for reading_id, raw in rows:
-        problem = classify(reading_id, raw, feature_names)
-        if problem is not None:
-            bad.append(problem)
+        checked = _check(reading_id, raw, feature_names)
+        if isinstance(checked, BadReading):
+            bad.append(checked)
             continue
-        values = json.loads(raw)  # type: ignore[arg-type]  # classify checked it is text
         good_ids.append(reading_id)
-        good_rows.append([_number(values[name]) for name in feature_names])  # type: ignore[misc]
+        good_rows.append(checked)
     matrix = np.asarray(good_rows, dtype=np.float64).reshape(len(good_rows), len(feature_names))
     return good_ids, matrix, bad
 
@@ -136,7 +193,12 @@ def _json_type(value: Any) -> str:
 
 
 def _short(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value)
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]  # a multi-MB string is never dumped whole
+    try:
+        text = json.dumps(value)
+    except Exception:  # too deep, say: the detail is only a hint
+        text = f"(a JSON {_json_type(value)})"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -23,6 +23,8 @@ from sensor_predictor.features import REASONS as BAD_READING_REASONS
 from sensor_predictor.model_types import LOAD_FAILURE_REASONS as MODEL_LOAD_FAILURE_REASONS
 
 WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry", "orphan")
+SUPERVISED_TASKS = ("listener", "model", "poll", "backlog", "shadow", "drift-writer", "health",
+                    "orphans", "leases")
 SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
                           "queue_full")
 
@@ -184,6 +186,19 @@ class Metrics:
             "sensor_shadow_failures_total",
             "Shadow scoring failures, by reason (a candidate that fails to load, a batch not "
             "scored or not written): the active scoring goes on.", registry=r)
+        # Faults (docs/faults.md).
+        self.task_restarts = Counter(
+            "sensor_task_restarts_total",
+            "Background tasks that ended unexpectedly and were started again, by task.",
+            registry=r)
+        self.model_mismatch = Gauge(
+            "sensor_model_mismatch_seconds",
+            "How long the active model (the clusters row) has differed from the model served "
+            "(0 while they agree).", registry=r)
+        self.claims_isolated = Counter(
+            "sensor_claims_isolated_total",
+            "Claims scored in isolation under the dead-letter rule (a claim that failed, or "
+            "was taken over too often): each reading checked alone.", registry=r)
         self.ready = Gauge(
             "sensor_ready", "1 while connected, listening and serving a model.", registry=r)
         self.ready.set({}, 0)
@@ -209,6 +224,10 @@ class Metrics:
             self.model_load_failures.set({"reason": reason}, 0)
         for cause in WAKEUP_CAUSES:
             self.wakeups.set({"cause": cause}, 0)
+        for task in SUPERVISED_TASKS:
+            self.task_restarts.set({"task": task}, 0)
+        self.model_mismatch.set({}, 0)
+        self.claims_isolated.set({}, 0)
         for connection in ("listener", "pool"):
             self.db_reconnects.set({"connection": connection}, 0)
 

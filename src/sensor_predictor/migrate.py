@@ -10,8 +10,10 @@ outside a transaction, for CREATE INDEX CONCURRENTLY.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,9 +34,18 @@ _CONCURRENT_INDEX = re.compile(
 # How long a statement may wait for a table lock before the attempt is given up and retried.
 LOCK_TIMEOUT_MS = 500
 LOCK_RETRY_SECONDS = 120.0
+# How often a wait (for the migration lock, for an index build) says who it waits for.
+WAIT_LOG_SECONDS = 3.0
+
+SideConnection = Callable[[], Awaitable[asyncpg.Connection]]
+
 
 class MigrationError(Exception):
-    """A migration could not be applied; the message says which and why."""
+    """A migration could not be applied; the message says which and why, `reason` in a word."""
+
+    def __init__(self, message: str, reason: str = "migration_failed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -77,11 +88,21 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[int]:
-    """Apply pending migrations; returns the versions applied (empty when up to date)."""
+async def migrate(conn: asyncpg.Connection, folder: Path | None = None, *,
+                  lock_wait_seconds: float | None = None,
+                  side_connection: SideConnection | None = None) -> list[int]:
+    """Apply pending migrations; returns the versions applied (empty when up to date).
+
+    `lock_wait_seconds`: how long to wait for another session's migration before giving up
+    (MigrationError, reason "migration_lock_timeout"); a wait ends early, with nothing applied,
+    once that session has applied every migration shipped here. `side_connection`: opens a
+    second connection, to say every WAIT_LOG_SECONDS who an index build waits for.
+    Cancelling the task stops it at once; the next run resumes (an index left invalid by a
+    cancelled build is dropped and built again)."""
     pending_all = load_migrations(folder)
     q = db.queries()
-    await _lock(conn)
+    if not await _lock(conn, {m.version for m in pending_all}, lock_wait_seconds):
+        return []
     try:
         await conn.execute(q["migration_ledger_create"])
         done = {r["version"] for r in await conn.fetch(q["migrations_applied"])}
@@ -98,7 +119,7 @@ async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[
             if migration.transactional:
                 await _apply_in_transaction(conn, migration)
             else:
-                await _apply_statements(conn, migration)
+                await _apply_statements(conn, migration, side_connection)
             log.info("migration_applied", version=migration.version, name=migration.name,
                      ms=round((time.perf_counter() - started) * 1000, 1))
             applied.append(migration.version)
@@ -106,18 +127,59 @@ async def migrate(conn: asyncpg.Connection, folder: Path | None = None) -> list[
             log.info("migrations_up_to_date", version=max(done, default=0))
         return applied
     finally:
-        await conn.execute(q["migration_unlock"], MIGRATION_LOCK_KEY)
+        # Cancelled (a stop during a statement): the session ends with the caller's connection,
+        # and its lock with it.
+        with contextlib.suppress(Exception):
+            await conn.execute(q["migration_unlock"], MIGRATION_LOCK_KEY)
 
 
-async def _lock(conn: asyncpg.Connection) -> None:
+async def _lock(conn: asyncpg.Connection, shipped: set[int], wait_seconds: float | None
+                ) -> bool:
     """A session lock, so two replicas starting together apply each file once: the second waits,
     then finds nothing left to do. It waits by polling, with no statement open: CREATE INDEX
     CONCURRENTLY waits for every statement that holds a snapshot, and a pg_advisory_lock()
-    blocked behind the migration would be one (a deadlock)."""
+    blocked behind the migration would be one (a deadlock).
+
+    True once locked; False when the schema became complete meanwhile (nothing to do: serve)."""
+    q = db.queries()
     delay = 0.05
-    while not await conn.fetchval(db.queries()["migration_lock_try"], MIGRATION_LOCK_KEY):
+    started = time.monotonic()
+    next_log = started + WAIT_LOG_SECONDS
+    while not await conn.fetchval(q["migration_lock_try"], MIGRATION_LOCK_KEY):
+        if shipped and shipped <= await _applied(conn):
+            log.info("migrations_applied_elsewhere", version=max(shipped),
+                     waited_s=round(time.monotonic() - started, 1))
+            return False
+        now = time.monotonic()
+        holder = None
+        if now >= next_log or (wait_seconds is not None and now - started >= wait_seconds):
+            row = await conn.fetchrow(q["migration_lock_holder"], MIGRATION_LOCK_KEY)
+            holder = dict(row) if row is not None else None
+        if now >= next_log:
+            log.warning("migration_lock_wait", waited_s=round(now - started, 1),
+                        holder=_jsonable(holder))
+            next_log = now + WAIT_LOG_SECONDS
+        if wait_seconds is not None and now - started >= wait_seconds:
+            raise MigrationError(
+                f"gave up waiting for the migration lock after {wait_seconds:.0f} s: another "
+                f"session migrates (holder: {_jsonable(holder)}); see pg_stat_activity",
+                reason="migration_lock_timeout")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
+    return True
+
+
+async def _applied(conn: asyncpg.Connection) -> set[int]:
+    try:
+        return {r["version"] for r in await conn.fetch(db.queries()["migrations_applied"])}
+    except asyncpg.UndefinedTableError:  # no ledger yet
+        return set()
+
+
+def _jsonable(row: dict[str, object] | None) -> dict[str, object] | None:
+    if row is None:
+        return None
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
 
 
 async def _apply_in_transaction(conn: asyncpg.Connection, migration: Migration) -> None:
@@ -144,14 +206,56 @@ async def _apply_in_transaction(conn: asyncpg.Connection, migration: Migration) 
             delay = min(delay * 2, 2.0)
 
 
-async def _apply_statements(conn: asyncpg.Connection, migration: Migration) -> None:
-    # CREATE INDEX CONCURRENTLY waits for writers by itself and never blocks them.
+async def _apply_statements(conn: asyncpg.Connection, migration: Migration,
+                            side_connection: SideConnection | None = None) -> None:
+    # CREATE INDEX CONCURRENTLY waits for writers by itself and never blocks them; it also waits
+    # for every transaction that holds a snapshot (an ORM session idle in a transaction): while
+    # it waits, who it waits for is logged every WAIT_LOG_SECONDS.
     for statement in migration.statements():
         index = _CONCURRENT_INDEX.search(statement)
-        if index is not None:
-            await _drop_if_invalid(conn, index[1])
-        await conn.execute(statement)
+        if index is None:
+            await conn.execute(statement)
+            continue
+        await _drop_if_invalid(conn, index[1])
+        build = asyncio.ensure_future(conn.execute(statement))
+        watch = (asyncio.ensure_future(_watch_build(conn.get_server_pid(), index[1], migration,
+                                                    side_connection))
+                 if side_connection is not None else None)
+        try:
+            await build
+        finally:
+            build.cancel()
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(BaseException):
+                    await watch
     await _record(conn, migration)
+
+
+async def _watch_build(pid: int, index: str, migration: Migration,
+                       side_connection: SideConnection) -> None:
+    """Every WAIT_LOG_SECONDS while the build of `index` (backend `pid`) runs: the sessions it
+    waits for (pg_blocking_pids: their state and transaction start)."""
+    started = time.monotonic()
+    await asyncio.sleep(WAIT_LOG_SECONDS)
+    conn: asyncpg.Connection | None = None
+    try:
+        conn = await side_connection()
+        while True:
+            rows = await conn.fetch(db.queries()["index_build_blockers"], pid)
+            phase = await conn.fetchval(db.queries()["index_build_phase"], pid)
+            log.warning("index_build_waiting", version=migration.version, index=index,
+                        waited_s=round(time.monotonic() - started, 1), phase=phase,
+                        blockers=[_jsonable(dict(r)) for r in rows],
+                        note="CREATE INDEX CONCURRENTLY waits for these transactions to end")
+            await asyncio.sleep(WAIT_LOG_SECONDS)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # only a log line is lost
+        log.info("index_build_watch_failed", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        if conn is not None:
+            conn.terminate()
 
 
 async def _drop_if_invalid(conn: asyncpg.Connection, name: str) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import structlog
 
 from sensor_predictor import cluster_registry, db, legacy_model, model_sources
+from sensor_predictor.faults import in_daemon_thread
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_cache import CacheEntry, ModelCache
 from sensor_predictor.model_contract import (
@@ -264,6 +265,7 @@ class ModelHolder:
         self._failed_row: ActiveRow | None = None
         self._failures = 0
         self.retry_at: float | None = None  # monotonic time of the next attempt after a failure
+        self.last_seen_row: ActiveRow | None = None
         self._on_failure = on_failure
         self._legacy_announced: set[tuple[str, int | None]] = set()
 
@@ -294,6 +296,7 @@ class ModelHolder:
         """Serve the newest active row's model if it is not served yet; True when swapped."""
         async with self._lock:
             row = await self.active_row(pool)
+            self.last_seen_row = row  # what the database says is active (the mismatch gauge)
             current_row = self.current.row if self.current else None
             if row == current_row:
                 self.retry_at = None
@@ -317,8 +320,9 @@ class ModelHolder:
                                else Bookkeeping())  # a candidate has no clusters row yet
                 model = self._from_cache(row)
                 if model is None:
-                    model = await asyncio.to_thread(load_and_verify, row, self.model_name,
-                                                    bookkeeping, self.sources)
+                    # A daemon thread: a hung fetch never holds a shutdown up (faults.py).
+                    model = await in_daemon_thread(load_and_verify, row, self.model_name,
+                                                   bookkeeping, self.sources)
                 await _check_features_in_readings(pool, model.feature_names)
                 await check_digest(pool, model)
                 model = await self._aligned(pool, model)

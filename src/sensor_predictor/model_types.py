@@ -27,7 +27,7 @@ log = structlog.get_logger("sensor_predictor.model_holder")
 
 LoadFailureReason = Literal["mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
                             "feature_mismatch", "probe_failed", "source_not_allowed",
-                            "bad_model_artifact", "artifacts_changed"]
+                            "bad_model_artifact", "artifacts_changed", "cluster_mapping_mismatch"]
 LOAD_FAILURE_REASONS: tuple[LoadFailureReason, ...] = typing.get_args(LoadFailureReason)
 """Every reason a model load fails with, in the order the metric's series are created."""
 

@@ -19,8 +19,6 @@ from sensor_predictor.model_types import LoadedModel
 # larger than this (bytes), or nested deeper than 64 levels (queries.sql: read_range_raw), is
 # not parsed but recorded as too_large / unparseable.
 MAX_VALUES_BYTES = 1 << 20
-TOO_LARGE = "too_large"
-UNPARSEABLE = "unparseable"
 
 
 @dataclass(frozen=True)
@@ -212,19 +210,72 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
 
 def _flagged(reading_id: int, flag: str) -> BadReading:
     """A reading PostgreSQL flagged before Python parsed it (read_range_raw's caps)."""
-    if flag == TOO_LARGE:
-        return BadReading(reading_id, TOO_LARGE,
+    if flag == features.TOO_LARGE:
+        return BadReading(reading_id, features.TOO_LARGE,
                           f"values is larger than {MAX_VALUES_BYTES} bytes: not parsed")
-    return BadReading(reading_id, UNPARSEABLE, "values is nested deeper than 64 levels: not parsed")
+    return BadReading(reading_id, features.TOO_DEEP,
+                      "values is nested deeper than 64 levels: not parsed")
 
 
-async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
-                      ) -> BatchResult | None:
+async def _read_isolated(
+    conn: asyncpg.Connection, claim: Claim, model: LoadedModel
+) -> tuple[list[int], features.Matrix, list[BadReading], list[float], bool]:
+    """_read for a claim under the dead-letter rule: every reading's JSON, its size checked by
+    PostgreSQL before it is sent, each reading checked alone (features.parse_raw never raises)."""
+    limit = features.MAX_READING_CHARS
+    rows = await conn.fetch(db.queries()["read_range_guarded"], claim.reading_ids, limit)
+    raw_rows: list[tuple[int, str | None]] = []
+    oversized: list[BadReading] = []
+    for r in rows:
+        if r["raw"] is None and not r["missing"]:
+            oversized.append(BadReading(
+                r["id"], features.TOO_LARGE,
+                f"values is {r['chars']:,} characters of JSON, beyond {limit:,}"))
+        else:
+            raw_rows.append((r["id"], r["raw"]))
+    ids, matrix, bad = features.parse_raw(raw_rows, model.feature_names)
+    ages_by_id = {r["id"]: r["age_seconds"] for r in rows}
+    return ids, matrix, oversized + bad, [ages_by_id[i] for i in ids], True
+
+
+def _predict_each(model: LoadedModel, ids: list[int], matrix: features.Matrix,
+                  ages: list[float]
+                  ) -> tuple[list[int], features.Matrix, list[float], list[BadReading]]:
+    """The rows the model can score, one at a time: a row whose prediction raises becomes an
+    error row (the model, not the reading, may be at fault: the detail says what was raised)."""
+    keep: list[int] = []
+    bad: list[BadReading] = []
+    for i, reading_id in enumerate(ids):
+        try:
+            model.predict(matrix[i:i + 1])
+        except Exception as exc:
+            bad.append(BadReading(reading_id, features.UNPARSEABLE,
+                                  f"the model could not score it: {type(exc).__name__}"))
+        else:
+            keep.append(i)
+    return [ids[i] for i in keep], matrix[keep], [ages[i] for i in keep], bad
+
+
+async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel, *,
+                      isolated: bool = False) -> BatchResult | None:
     """Score a claim with `model`; None when its results came late: another worker took the
-    claim over (or wrote it) meanwhile, and nothing was written."""
+    claim over (or wrote it) meanwhile, and nothing was written.
+
+    `isolated`: the dead-letter path (docs/faults.md), for a claim that failed or was taken
+    over too often: sizes checked in SQL, each reading parsed alone, and a prediction that
+    raises retried row by row, so that whatever breaks is one reading's error row."""
     started = time.perf_counter()
-    ids, matrix, bad, ages, slow = await _read(conn, claim, model)
-    labels, confidence = model.predict(matrix)
+    if isolated:
+        ids, matrix, bad, ages, slow = await _read_isolated(conn, claim, model)
+        try:
+            labels, confidence = model.predict(matrix)
+        except Exception:
+            ids, matrix, ages, unscorable = _predict_each(model, ids, matrix, ages)
+            bad = bad + unscorable
+            labels, confidence = model.predict(matrix)
+    else:
+        ids, matrix, bad, ages, slow = await _read(conn, claim, model)
+        labels, confidence = model.predict(matrix)
     stable = model.stable(labels)
     conf_list: list[float | None] = (confidence.tolist() if confidence is not None
                                      else [None] * len(ids))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -23,13 +24,13 @@ from typing import Any
 import asyncpg
 import structlog
 
-from sensor_predictor import connect_errors, db, widen_ids
+from sensor_predictor import connect_errors, db, faults, widen_ids
 from sensor_predictor.config import Settings
 from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
 from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
-from sensor_predictor.migrate import load_migrations, migrate
+from sensor_predictor.migrate import MigrationError, load_migrations, migrate
 from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_holder import ModelHolder, configure_mlflow
 from sensor_predictor.model_sources import SourcePolicy
@@ -66,7 +67,13 @@ ORPHAN_FULL_LOOK_SECONDS = 10.0
 # PREDICTION_BATCH_SIZE: a backlog drains in fewer, larger batches (each batch costs ~8 round
 # trips whatever its size); caught up, it is back to PREDICTION_BATCH_SIZE.
 DRAIN_BATCH_FACTOR = 10
-SHUTDOWN_GRACE_SECONDS = 10.0
+# Of SHUTDOWN_GRACE_SECONDS, what is kept for closing the pool, flushing drift rows and the
+# HTTP server once the lanes are done or cancelled (docs/faults.md).
+CLEANUP_RESERVE_SECONDS = 2.0
+# A claim taken over this many times (its worker died on it, again and again: a reading that
+# kills the process) is scored in isolation at once (the dead-letter rule, docs/faults.md).
+DEAD_LETTER_TAKEOVERS = 2
+HEALTH_TICK_SECONDS = 1.0
 # Retry delays (seconds): the first, and the ceiling they double up to.
 CONNECT_BACKOFF = (0.2, 5.0)  # the database is not reachable at the start
 CONFIG_BACKOFF = (0.2, 30.0)  # a configuration error: it heals only when someone fixes it
@@ -121,6 +128,12 @@ class Worker:
         self._warm_up: asyncio.Task[None] | None = None
         # sensor_id_headroom_ratio last seen, by table (a warning when it crosses a threshold).
         self._headroom_seen: dict[str, float] = {}
+        self.health = faults.TaskHealth()
+        self._deadline: float | None = None  # time.monotonic() by which the process exits
+        self._mismatch_since: float | None = None  # active model != served, since
+        self._watchdog: threading.Timer | None = None
+        self._arm_watchdog = False
+        self.exit_code = 0
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
         self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
 
@@ -128,7 +141,15 @@ class Worker:
 
     def stop(self) -> None:
         if not self._stopping.is_set():
-            log.info("shutdown_requested")
+            grace = self.settings.shutdown_grace_seconds
+            log.info("shutdown_requested", grace_s=grace)
+            self._deadline = time.monotonic() + grace
+            if self._arm_watchdog:
+                # The last resort, should the event loop itself be stuck: the process ends at
+                # the deadline whatever it is doing (a claim not committed is taken over).
+                self._watchdog = threading.Timer(grace, _deadline_exceeded, args=(grace,))
+                self._watchdog.daemon = True
+                self._watchdog.start()
             self._stopping.set()
             self._wake.set()
             self._update_ready()
@@ -177,13 +198,37 @@ class Worker:
     def _model_failed(self, reason: str) -> None:
         self.metrics.model_load_failures.inc({"reason": reason})
 
+    def _remaining(self) -> float:
+        """Seconds left before the shutdown deadline (the whole grace before a stop)."""
+        if self._deadline is None:
+            return self.settings.shutdown_grace_seconds
+        return max(0.0, self._deadline - time.monotonic())
+
+    def model_mismatch_seconds(self) -> float:
+        """How long the active model (the clusters row last read) has differed from the one
+        served; 0 while they agree."""
+        seen = self.holder.last_seen_row
+        served = self.holder.current.row if self.holder.current is not None else None
+        if seen == served:
+            self._mismatch_since = None
+            return 0.0
+        if self._mismatch_since is None:
+            self._mismatch_since = time.monotonic()
+        return time.monotonic() - self._mismatch_since
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         model = self.holder.current
         listening = self.listener.listening or self.settings.poll_only
+        mismatch = self.model_mismatch_seconds()
+        seen = self.holder.last_seen_row
+        down = self.health.report()
         detail: dict[str, Any] = {
             "listening": self.listener.listening,
             "pool": self.pool is not None,
             "model_version": model.version if model else None,
+            "active_model_version": seen.model_version if seen else None,
+            "model_mismatch_s": round(mismatch, 1),
+            "tasks_down": down,
             "stopping": self._stopping.is_set(),
         }
         # Which part is missing, in words.
@@ -201,7 +246,8 @@ class Worker:
         if self.settings.poll_only:
             detail["poll_only"] = True
         ready = (listening and self.pool is not None and model is not None
-                 and self.db_problem is None and not self._stopping.is_set())
+                 and self.db_problem is None and not self._stopping.is_set() and not down
+                 and mismatch <= self.settings.model_mismatch_ready_seconds)
         return ready, detail
 
     def snapshot(self) -> WorkerSnapshot:
@@ -213,6 +259,7 @@ class Worker:
                              shadow_version=None if candidate is None else candidate.version)
 
     def _update_ready(self) -> None:
+        self.metrics.model_mismatch.set({}, self.model_mismatch_seconds())
         self.metrics.ready.set({}, 1 if self.readiness()[0] else 0)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -223,6 +270,7 @@ class Worker:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            self._arm_watchdog = True  # a process of its own: it may end itself at the deadline
         log.info("worker_starting", worker=self.name, **self.settings.describe())
         configure_mlflow(self.settings.mlflow_tracking_uri)
         try:
@@ -237,7 +285,7 @@ class Worker:
                      port=self.metrics_server.port)
             try:
                 if not await self._connect():
-                    return 0
+                    return self.exit_code
             except ListenUnavailable as exc:
                 if exc.cause.kind == "migrations_pending":
                     log.error("cannot_start", cause=exc.cause.kind, error=exc.cause.line())
@@ -249,26 +297,84 @@ class Worker:
                                    "server or a session-mode pool, or POLL_ONLY=true to wake "
                                    "by polling only")
                 return EXIT_CONFIG
+            pool = self.pool
+            assert pool is not None
             self._tasks = [
-                asyncio.create_task(self._watch_model(), name="model"),
-                asyncio.create_task(self._poll(), name="poll"),
-                asyncio.create_task(self._watch_backlog(), name="backlog"),
-                asyncio.create_task(self.shadow.run(self.pool), name="shadow"),
-                asyncio.create_task(self._watch_orphans(), name="orphans"),
+                self._supervised("model", self._watch_model),
+                self._supervised("poll", self._poll),
+                self._supervised("backlog", self._watch_backlog),
+                self._supervised("shadow", lambda: self.shadow.run(pool)),
+                self._supervised("drift-writer", lambda: self.drift.run_writer(pool)),
+                self._supervised("health", self._health),
+                self._supervised("orphans", self._watch_orphans),
             ]
-            if self.lease_seconds is not None:
+            lease_seconds = self.lease_seconds
+            if lease_seconds is not None:
                 self._tasks.append(
-                    asyncio.create_task(self._renew_leases(self.lease_seconds), name="leases"))
+                    self._supervised("leases", lambda: self._renew_leases(lease_seconds)))
             if self.settings.poll_only:
                 log.warning("poll_only", interval_s=self.settings.inference_interval_seconds,
                             note="POLL_ONLY=true: no LISTEN; new readings wait for the next poll")
                 self._listening(True)
             else:
-                self._tasks.append(asyncio.create_task(self.listener.run(), name="listener"))
-            await self._drain_forever()
+                self._tasks.append(self._supervised("listener", self.listener.run))
+            await self._drain_until_stopped()
         finally:
             await self._shutdown()
-        return 0
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+        return self.exit_code
+
+    def _supervised(self, name: str, run: Any) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            faults.supervise(name, run, stopping=self._stopping, health=self.health,
+                             on_restart=self._task_restarted), name=name)
+
+    def _task_restarted(self, name: str) -> None:
+        self.metrics.task_restarts.inc({"task": name})
+        self._update_ready()
+
+    async def _health(self) -> None:
+        """The served-vs-active gauge and the ready gauge, every HEALTH_TICK_SECONDS."""
+        while True:
+            self._update_ready()
+            await asyncio.sleep(HEALTH_TICK_SECONDS)
+
+    async def _until_stopped(self, work: Any) -> tuple[bool, Any]:
+        """(True, its result) when `work` (a coroutine) finishes first; (False, None) when a stop
+        comes first: then it is cancelled (and a running statement with it)."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return True, task.result()
+        task.cancel()
+        await asyncio.wait({task}, timeout=max(0.1, min(1.0, self._remaining() - 1)))
+        return False, None
+
+    async def _drain_until_stopped(self) -> None:
+        """The drain loop, until a stop: lanes then finish the batch in hand, until the
+        deadline less CLEANUP_RESERVE_SECONDS; those still busy are cancelled (their claims are
+        left for a takeover)."""
+        drain = asyncio.create_task(self._drain_forever(), name="drain")
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not drain.done():
+            budget = max(0.0, self._remaining() - CLEANUP_RESERVE_SECONDS)
+            await asyncio.wait({drain}, timeout=budget)
+        if not drain.done():
+            log.warning("lanes_cancelled", note="the shutdown deadline came: claims not "
+                        "committed are left for a takeover")
+            drain.cancel()
+            await asyncio.wait({drain}, timeout=0.5)
+            return
+        drain.result()
 
     async def _connect(self) -> bool:
         """Migrate (unless told not to) and open the pool, retrying while the database is down.
@@ -296,17 +402,24 @@ class Worker:
                 elif s.pool_mode == "transaction" and s.migrate_on_start:
                     await self._check_migrated_through_pooler()
                 elif s.migrate_on_start:
-                    conn = await db.connect(s, timeout=10)
-                    try:
-                        await migrate(conn)
-                    finally:
-                        await conn.close()
-                self.pool = await db.create_pool(
-                    s, size=s.prediction_concurrency + 3, init=self._track_connection)
+                    finished, _ = await self._until_stopped(self._migrate())
+                    if not finished:
+                        log.info("migration_interrupted", note="stopped; the next start "
+                                 "resumes it (an invalid index is rebuilt)")
+                        return False
+                finished, pool = await self._until_stopped(db.create_pool(
+                    s, size=s.prediction_concurrency + 3, init=self._track_connection))
+                if not finished:
+                    return False
+                self.pool = pool
                 self.db_problem = None
                 return True
             except ListenUnavailable:
                 raise
+            except MigrationError as exc:
+                log.error("migration_failed", error=str(exc), reason=exc.reason)
+                self.exit_code = 1
+                return False
             except db.UNAVAILABLE as exc:
                 cause = connect_errors.classify(exc)
                 self.db_problem = cause
@@ -388,20 +501,31 @@ class Worker:
         finally:
             await listen.close()
 
+    async def _migrate(self) -> None:
+        conn = await db.connect(self.settings, timeout=10)
+        try:
+            await migrate(conn, lock_wait_seconds=self.settings.migration_wait_seconds,
+                          side_connection=lambda: db.connect(self.settings, timeout=10))
+        finally:
+            # Not a graceful close: after a cancelled statement it may wait for an answer.
+            conn.terminate()
+
     async def _track_connection(self, connection: asyncpg.Connection) -> None:
         self._connections[connection] = time.monotonic()
 
     async def _shutdown(self) -> None:
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             # A task stuck on a half-open connection cannot even have its query cancelled (the
             # cancellation's answer never comes back): it must not hold the exit up.
-            await asyncio.wait(self._tasks, timeout=1.0)
-        await self.drift.flush()
+            await asyncio.wait(self._tasks, timeout=min(1.0, max(0.1, self._remaining() - 1.5)))
+        await self.drift.flush(within_seconds=min(5.0, max(0.1, self._remaining() - 1.2)))
         if self.pool is not None:
             try:
-                await asyncio.wait_for(self.pool.close(), timeout=1.0)
+                await asyncio.wait_for(self.pool.close(),
+                                       timeout=min(1.0, max(0.1, self._remaining() - 0.5)))
             except Exception:  # a connection that does not answer: drop them all
                 self.pool.terminate()
             self.pool = None
@@ -418,7 +542,10 @@ class Worker:
             self.wake("poll")
 
     async def _watch_model(self) -> None:
+        """Follow the active clusters row (and the shadow candidate). A check that fails, for
+        whatever reason, is retried with backoff; meanwhile the task shows as down on /ready."""
         assert self.pool is not None
+        backoff = faults.RESTART_BACKOFF[0]
         while True:
             retries = [h.retry_at for h in (self.holder, self.candidate_holder)
                        if h.retry_at is not None]
@@ -431,10 +558,24 @@ class Worker:
                     await self._model_changed(self.holder.current)
                 # After the active model: a promoted candidate is no candidate any more.
                 await self._refresh_candidate()
-            except db.UNAVAILABLE as exc:
-                log.warning("model_check_failed", error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(0.5)
+            except Exception as exc:
+                kind = faults.classify(exc)
+                (log.error if kind in (faults.CONFIGURATION, faults.BUG) else log.warning)(
+                    "model_check_failed", error=faults.describe(exc), kind=kind,
+                    retry_in_s=backoff)
+                self.health.mark_down("model", faults.describe(exc))
+                self._update_ready()
+                if kind == faults.CONFIGURATION:
+                    backoff = faults.RESTART_BACKOFF[1]
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, faults.RESTART_BACKOFF[1])
                 self._model_event.set()
+                continue
+            backoff = faults.RESTART_BACKOFF[0]
+            if "model" in self.health.down:
+                self.health.mark_up("model")
+                log.info("model_check_recovered")
+            self._update_ready()  # the mismatch gauge follows what the check saw
 
     async def _refresh_candidate(self) -> None:
         """Follow model_candidates; whatever goes wrong there never stops the active model's
@@ -454,12 +595,19 @@ class Worker:
     async def _model_changed(self, model: LoadedModel | None) -> None:
         assert self.pool is not None
         self.metrics.set_model(model)
+        self._update_ready()
         if model is not None:
             try:  # a candidate promoted: its shadow scoring ends, its rows stay
                 await self.pool.execute(db.queries()["mark_candidate_promoted"], model.run_id)
-            except asyncpg.PostgresError as exc:
-                log.warning("candidate_not_marked_promoted", error=str(exc))
-            await self.drift.start_model(model, self.pool)
+            except Exception as exc:
+                log.warning("candidate_not_marked_promoted", error=faults.describe(exc))
+            # The swap has happened (the holder serves the new model): nothing here may undo
+            # it or end the model watch. Drift tracking that cannot start is logged.
+            try:
+                await self.drift.start_model(model, self.pool)
+            except Exception as exc:
+                log.error("drift_start_failed", model_version=model.version,
+                          error=faults.describe(exc), exc_info=exc)
             self.wake("model")
             if self._warm_up is None:
                 self._warm_up = asyncio.create_task(self._warm_up_imports(), name="warm-up")
@@ -492,8 +640,13 @@ class Worker:
                 self.metrics.open_reading_transactions.set({}, len(rows))
                 self.metrics.open_reading_transaction_age.set({}, max(ages, default=0.0))
                 await self._id_headroom()
-            except db.UNAVAILABLE:
-                pass
+                self.health.mark_up("backlog")
+            except Exception as exc:
+                kind = faults.classify(exc)
+                if kind != faults.UNAVAILABLE:  # the listener reports a database gone
+                    log.warning("backlog_check_failed", error=faults.describe(exc), kind=kind)
+                if kind in (faults.CONFIGURATION, faults.BUG):
+                    self.health.mark_down("backlog", faults.describe(exc))
             # A big backlog (an adopted database) takes a while to count: never more than a
             # tenth of this task's time.
             took = time.monotonic() - started
@@ -531,8 +684,9 @@ class Worker:
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
-                if self.db_problem is not None:
+                if self.db_problem is not None or "drain" in self.health.down:
                     self.db_problem = None
+                    self.health.mark_up("drain")
                     self._update_ready()
                 continue
             cause = (connect_errors.classify(failure)
@@ -548,13 +702,25 @@ class Worker:
                 backoff = next_backoff(backoff, CONFIG_BACKOFF)
                 self.wake("retry")
                 continue
-            if isinstance(failure, db.UNAVAILABLE):
+            kind = faults.classify(failure)
+            if kind != faults.BUG:  # the database refuses the work: /ready says so
+                self.health.mark_down("drain", faults.describe(failure))
+                self._update_ready()
+            if kind == faults.UNAVAILABLE:
                 self.metrics.db_reconnects.inc({"connection": "pool"})
                 log.warning("database_unavailable", error=str(failure) or type(failure).__name__,
                             retry_in_s=backoff)
+            elif kind == faults.TRANSIENT:
+                log.warning("database_busy", error=faults.describe(failure), retry_in_s=backoff)
             else:
-                log.error("batch_failed", error=f"{type(failure).__name__}: {failure}",
-                          retry_in_s=backoff, exc_info=failure)
+                # Not the database's state: one claim's own trouble (its readings were already
+                # scored in isolation, see _score). The others' work must not wait for it: the
+                # next pass starts at once, and the failed claim is taken over by it.
+                log.error("batch_failed", error=faults.describe(failure), kind=kind,
+                          exc_info=failure)
+                await _wait_any(self._stopping, timeout=RETRY_BACKOFF[0])
+                self.wake("retry")
+                continue
             # Back off, but not past the moment the listener is connected again.
             await _wait_any(self._stopping, self._reconnected, timeout=backoff)
             backoff = retry_backoff(backoff, reconnected=self._reconnected.is_set())
@@ -604,7 +770,7 @@ class Worker:
                             claim = handed
                     self._in_flight.add(claim.claim_id)
                     try:
-                        result = await score_claim(conn, claim, model)
+                        result = await self._score(conn, claim, model)
                     finally:
                         self._in_flight.discard(claim.claim_id)
                     if claim.locked:
@@ -620,6 +786,29 @@ class Worker:
                 if own.release is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
                         await release_lock(conn, own.release)
+
+    async def _score(self, conn: asyncpg.Connection, claim: Claim, model: LoadedModel
+                     ) -> BatchResult | None:
+        """score_claim, under the dead-letter rule (docs/faults.md): a claim that fails for
+        anything but the database's state, or that was taken over DEAD_LETTER_TAKEOVERS times
+        (its workers died on it), is scored in isolation: whatever breaks is one reading's error
+        row, and the rest of the claim is scored."""
+        # A claim taken over carries its takeovers count (the token its results must quote).
+        isolated = claim.previous_worker is not None and claim.token >= DEAD_LETTER_TAKEOVERS
+        if not isolated:
+            try:
+                return await score_claim(conn, claim, model)
+            except Exception as exc:
+                if faults.is_database_fault(exc):
+                    raise
+                log.warning("claim_isolated", claim=claim.claim_id,
+                            readings=len(claim.reading_ids), error=faults.describe(exc),
+                            cause="failed")
+        else:
+            log.warning("claim_isolated", claim=claim.claim_id, readings=len(claim.reading_ids),
+                        cause="taken_over", min_takeovers=DEAD_LETTER_TAKEOVERS)
+        self.metrics.claims_isolated.inc({})
+        return await score_claim(conn, claim, model, isolated=True)
 
     async def _take_orphan(self, conn: asyncpg.Connection, own: Ownership
                            ) -> tuple[Claim | None, Ownership]:
@@ -710,6 +899,15 @@ class Worker:
         log.debug("batch_scored", rows=result.size, bad=len(result.bad),
                   model_version=model.version, ms=round(result.duration * 1000, 2),
                   slow_path=result.slow_path)
+
+
+def _deadline_exceeded(grace: float) -> None:
+    """The watchdog's end of the process (a daemon thread): the event loop did not finish the
+    shutdown within SHUTDOWN_GRACE_SECONDS."""
+    log.error("shutdown_deadline_exceeded", grace_s=grace,
+              note="exiting now; claims not committed are taken over by another worker")
+    logging.shutdown()
+    os._exit(1)
 
 
 def _import_model_libraries() -> None:

@@ -498,6 +498,7 @@ SELECT digest FROM recorded
 UNION ALL
 SELECT digest FROM model_artifact_digests WHERE mlflow_run_id = $1 AND model_version = $2
 LIMIT 1;
+
 -- name: widen_targets
 -- `widen-ids` (widen_ids.py, helpers in sql/widen_ids.sql): the integer columns still to widen.
 SELECT tbl, col, wide, wide_exists FROM sp_widen_targets()
@@ -552,3 +553,40 @@ SELECT t.tbl,
   LEFT JOIN pg_sequences s
          ON (s.schemaname || '.' || s.sequencename)::regclass
             = pg_get_serial_sequence(t.tbl, 'id')::regclass
+-- name: read_range_guarded
+-- A claim scored in isolation (a claim that failed, or was taken over too often, see
+-- docs/faults.md): each reading's JSON text, NULL when it is longer than $2 characters (never
+-- sent to the worker), with its length.
+SELECT r.id,
+       CASE WHEN length(r."values"::text) <= $2 THEN r."values"::text END AS raw,
+       r."values" IS NULL AS missing,
+       length(r."values"::text) AS chars,
+       extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
+  FROM readings r
+ WHERE r.id = ANY($1::bigint[])
+ ORDER BY r.id;
+
+-- name: migration_lock_holder
+-- Who holds the migration lock (a bigint advisory key: classid its high 32 bits, objid its low).
+SELECT a.pid, a.application_name, a.state, a.xact_start, a.backend_start
+  FROM pg_locks l
+  JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
+ LIMIT 1;
+
+-- name: index_build_blockers
+-- The sessions a CREATE INDEX CONCURRENTLY (backend $1) waits for.
+SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start,
+       extract(epoch FROM now() - a.xact_start)::float8 AS xact_age_s,
+       left(a.query, 200) AS query
+  FROM unnest(pg_blocking_pids($1)) AS b(pid)
+  JOIN pg_stat_activity a ON a.pid = b.pid
+ ORDER BY a.xact_start;
+
+-- name: index_build_phase
+SELECT phase FROM pg_stat_progress_create_index WHERE pid = $1;
+
+-- name: cluster_model_run
+-- The run whose stable-id mapping is stored under a version label (NULL: none yet).
+SELECT mlflow_run_id FROM cluster_models WHERE model_version = $1;
