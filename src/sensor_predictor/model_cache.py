@@ -42,6 +42,9 @@ class CacheEntry:
     reference: tuple[float, ...] | None
     legacy: bool
     kernel: dict[str, Any]
+    feature_reference: dict[str, Any] | None = None
+    """The per-feature drift reference (feature_drift.FeatureReference.to_json()); None in
+    entries written before it existed."""
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -91,7 +94,9 @@ class ModelCache:
                 model_features=tuple(str(n) for n in body["model_features"]),
                 n_clusters=int(body["n_clusters"]),
                 reference=None if reference is None else tuple(float(p) for p in reference),
-                legacy=bool(body["legacy"]), kernel=dict(body["kernel"]))
+                legacy=bool(body["legacy"]), kernel=dict(body["kernel"]),
+                feature_reference=(None if body.get("feature_reference") is None
+                                   else dict(body["feature_reference"])))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.discard(run_id, registered_version, f"{type(exc).__name__}: {exc}")
             return None

@@ -29,9 +29,11 @@ import numpy as np
 import structlog
 
 from sensor_predictor import cluster_registry, db, legacy_model
+from sensor_predictor.feature_drift import FeatureReference, reference_from_kernel
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_cache import CacheEntry, ModelCache
 from sensor_predictor.model_contract import (
+    FEATURE_REFERENCE_KEY,
     FEATURES_KEY,
     MODEL_ARTIFACT,
     PROPORTIONS_KEY,
@@ -93,13 +95,43 @@ def load_and_verify(row: ActiveRow, model_name: str,
         reference = None  # unusable; the drift tracker falls back to the first full window
     from sensor_predictor.kmeans_kernel import from_pipeline
 
+    kernel = from_pipeline(pipeline)
     model = LoadedModel(
         row=row, model_name=model_name, feature_names=tuple(names),
         n_clusters=int(n_clusters),
         reference=tuple(float(p) for p in reference) if reference else None,
         read_query=db.read_range_query(names), pipeline=pipeline,
-        kernel=from_pipeline(pipeline), model_features=tuple(names))
+        kernel=kernel, model_features=tuple(names),
+        feature_reference=feature_reference(metadata.get(FEATURE_REFERENCE_KEY), tuple(names),
+                                            kernel, pipeline))
     return _verified(model, uri)
+
+
+def feature_reference(logged: Any, names: tuple[str, ...], kernel: KMeansKernel | None,
+                      pipeline: Any = None, model_features: tuple[str, ...] = ()
+                      ) -> FeatureReference | None:
+    """The per-feature drift reference: the one `train` logged when it is usable, else the
+    fitted scaler's moments (no outlier share then); None when neither is at hand."""
+    if isinstance(logged, Mapping):
+        try:
+            ref = FeatureReference.from_json(logged)
+            if ref.names == names:
+                return ref
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("feature_reference_unusable", error=str(exc)[:300],
+                        note="using the scaler's moments")
+    if kernel is None and pipeline is not None:
+        from sensor_predictor.kmeans_kernel import from_parts
+
+        steps = getattr(pipeline, "steps", None)
+        kernel = from_parts(steps[0][1], steps[1][1]) if steps and len(steps) == 2 else None
+    if kernel is None or kernel.n_inputs != len(names):
+        return None
+    try:
+        return reference_from_kernel(names, kernel.mean, kernel.scale, kernel.columns,
+                                     model_features)
+    except ValueError:
+        return None
 
 
 def _legacy_or_raise(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
@@ -312,7 +344,10 @@ class ModelHolder:
                 row=row, model_name=self.model_name, feature_names=entry.feature_names,
                 n_clusters=entry.n_clusters, reference=entry.reference,
                 read_query=db.read_range_query(entry.feature_names), kernel=kernel,
-                legacy=entry.legacy, model_features=entry.model_features, source="cache")
+                legacy=entry.legacy, model_features=entry.model_features, source="cache",
+                feature_reference=feature_reference(entry.feature_reference,
+                                                    entry.feature_names, kernel,
+                                                    model_features=entry.model_features))
             model = _verified(model, f"cached {row.run_id}")
         except (ValueError, TypeError, KeyError, ModelLoadError) as exc:
             self.cache.discard(row.run_id, row.registered_version, str(exc))
@@ -328,7 +363,9 @@ class ModelHolder:
             run_id=model.run_id, registered_version=model.row.registered_version,
             version_label=model.version, feature_names=model.feature_names,
             model_features=model.model_features, n_clusters=model.n_clusters,
-            reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays()))
+            reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays(),
+            feature_reference=(None if model.feature_reference is None
+                               else model.feature_reference.to_json())))
 
     def _announce(self, model: LoadedModel, bookkeeping: Bookkeeping) -> None:
         mismatches = bookkeeping_mismatches(model, bookkeeping)

@@ -50,6 +50,8 @@ class BatchResult:
     """The reading ids predicted, in the order of labels."""
     matrix: features.Matrix | None = None
     """Their features (what a shadow candidate reading the same features scores)."""
+    distances: npt.NDArray[np.float64] | None = None
+    """Each prediction's distance to its nearest centre (the outlier share's input)."""
 
     @property
     def cluster_ids(self) -> npt.NDArray[np.int64]:
@@ -145,7 +147,7 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     """Score a claim with `model`; None when another worker scored it meanwhile."""
     started = time.perf_counter()
     ids, matrix, bad, ages, slow = await _read(conn, claim, model)
-    labels, confidence = model.predict(matrix)
+    labels, confidence, distances = model.predict_with_distance(matrix)
     stable = model.stable(labels)
     conf_list: list[float | None] = (confidence.tolist() if confidence is not None
                                      else [None] * len(ids))
@@ -171,4 +173,4 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     latencies = np.asarray(ages, dtype=np.float64) + (committed - started)
     return BatchResult(model=model, labels=labels, bad=bad, latencies=latencies,
                        duration=committed - started, slow_path=slow, conflicts=conflicts,
-                       stable=stable, ids=ids, matrix=matrix)
+                       stable=stable, ids=ids, matrix=matrix, distances=distances)

@@ -22,6 +22,7 @@ import structlog
 
 from sensor_predictor import db, features
 from sensor_predictor.config import Settings
+from sensor_predictor.feature_drift import reference_from_training
 from sensor_predictor.model_contract import (
     FEATURE_NAMES,
     LEGACY_EXPERIMENT,
@@ -80,6 +81,9 @@ class FittedModel:
     profiles: Profiles
     feature_names: tuple[str, ...]
     """The matrix's columns, in order: what the metadata must name."""
+    feature_reference: dict[str, Any] | None = None
+    """Per feature, the training mean and deviation, and the nearest-centre distance
+    percentiles (feature_drift.FeatureReference.to_json): the per-feature drift reference."""
 
 
 async def load_training_matrix(
@@ -130,7 +134,10 @@ def fit_pipeline(matrix: Matrix, clusters: int, seed: int,
         pipeline.named_steps["kmeans"].cluster_centers_)
     profiles = {str(i): {name: float(v) for name, v in zip(names, centre, strict=True)}
                 for i, centre in enumerate(centres.tolist())}
-    return FittedModel(pipeline, proportions, silhouette, profiles, names)
+    # The nearest-centre distance of every training row: the outlier share's reference.
+    distances = pipeline.named_steps["kmeans"].transform(scaled).min(axis=1)
+    feature_reference = reference_from_training(names, matrix, distances).to_json()
+    return FittedModel(pipeline, proportions, silhouette, profiles, names, feature_reference)
 
 
 def _fit_and_log(
@@ -163,7 +170,8 @@ def _fit_and_log(
             # Explicit: inferring them picks up whatever the interpreter has loaded (pytest...).
             pip_requirements=[f"scikit-learn=={sklearn.__version__}",
                               f"numpy=={np.__version__}"],
-            metadata=model_metadata(fitted.feature_names, fitted.proportions, clusters),
+            metadata=model_metadata(fitted.feature_names, fitted.proportions, clusters,
+                                    fitted.feature_reference),
         )
         run_id = str(run.info.run_id)
     if info.registered_model_version is None:
