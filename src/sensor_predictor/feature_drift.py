@@ -68,6 +68,10 @@ class FeatureReference:
     distance_p999: float | None = None
     source: str = "training"
     """"training": logged by `train`; "scaler": derived from the fitted StandardScaler."""
+    inflation: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    """Per window size, per feature: the variance of the mean of that many consecutive
+    training readings over the iid value std^2 / window (the design effect of the stream's
+    autocorrelation; 1 for independent readings). Empty: taken as 1."""
 
     def __post_init__(self) -> None:
         p = len(self.names)
@@ -79,11 +83,24 @@ class FeatureReference:
         for q in (self.distance_p99, self.distance_p999):
             if q is not None and not (math.isfinite(q) and q > 0):
                 raise ValueError(f"a distance percentile must be finite and positive, got {q}")
+        for w, factors in self.inflation:
+            if w < 1 or len(factors) != p or not all(
+                    math.isfinite(f) and f > 0 for f in factors):
+                raise ValueError(f"inflation at window {w}: {len(factors)} factors for {p}")
+
+    def inflation_at(self, window: int) -> tuple[float, ...]:
+        """The design effect per feature at `window`: the stored window nearest to it (in
+        ratio), at least 1; all 1 when none is stored."""
+        if not self.inflation:
+            return (1.0,) * len(self.names)
+        _, factors = min(self.inflation, key=lambda e: abs(math.log(e[0] / window)))
+        return tuple(max(1.0, f) for f in factors)
 
     def to_json(self) -> dict[str, Any]:
         return {"names": list(self.names), "mean": list(self.mean), "std": list(self.std),
                 "distance_p99": self.distance_p99, "distance_p999": self.distance_p999,
-                "source": self.source}
+                "source": self.source,
+                "inflation": {str(w): list(f) for w, f in self.inflation}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FeatureReference:
@@ -94,7 +111,9 @@ class FeatureReference:
                    tuple(float(m) for m in data["mean"]),
                    tuple(float(s) for s in data["std"]),
                    opt(data.get("distance_p99")), opt(data.get("distance_p999")),
-                   str(data.get("source", "training")))
+                   str(data.get("source", "training")),
+                   tuple(sorted((int(w), tuple(float(x) for x in f))
+                                for w, f in (data.get("inflation") or {}).items())))
 
 
 def reference_from_training(names: Sequence[str], matrix: Matrix, distances: Matrix
@@ -106,7 +125,32 @@ def reference_from_training(names: Sequence[str], matrix: Matrix, distances: Mat
     p99, p999 = np.quantile(distances, [0.99, 0.999])
     return FeatureReference(tuple(names), tuple(matrix.mean(axis=0).tolist()),
                             tuple(std.tolist()),
-                            float(p99) if p99 > 0 else None, float(p999) if p999 > 0 else None)
+                            float(p99) if p99 > 0 else None, float(p999) if p999 > 0 else None,
+                            inflation=design_effects(matrix, std))
+
+
+INFLATION_WINDOWS = (10, 20, 50, 100, 200, 500, 1000)
+MIN_BLOCKS = 20
+
+
+def design_effects(matrix: Matrix, std: Matrix) -> tuple[tuple[int, tuple[float, ...]], ...]:
+    """Batch means: for each window w with at least MIN_BLOCKS blocks of w consecutive rows
+    (the matrix in stream order), var(block means) x w / std^2 per feature, at its upper
+    99.9 % confidence bound (a chi-square with blocks - 1 degrees of freedom): a few blocks
+    underestimate a stream's rare episodes, and an underestimate is a false alarm."""
+    from scipy.special import chdtri
+
+    out = []
+    n = matrix.shape[0]
+    for w in INFLATION_WINDOWS:
+        blocks = n // w
+        if blocks < MIN_BLOCKS:
+            break
+        means = matrix[: blocks * w].reshape(blocks, w, -1).mean(axis=1)
+        upper = (blocks - 1) / float(chdtri(blocks - 1, 0.999))
+        factors = means.var(axis=0, ddof=1) * w / std ** 2 * upper
+        out.append((w, tuple(float(f) for f in factors)))
+    return tuple(out)
 
 
 def reference_from_kernel(names: Sequence[str], mean: Matrix, scale: Matrix,
@@ -233,6 +277,9 @@ class FeatureDriftTracker:
         self._mean = np.asarray(reference.mean, dtype=np.float64)
         self._std = np.asarray(reference.std, dtype=np.float64)
         self._ring = _Ring(window, len(reference.names))
+        # The window mean's deviation is std x sqrt(inflation / n), not std / sqrt(n), when
+        # consecutive readings are correlated (a machine's sensors move slowly).
+        self._inflation = np.asarray(reference.inflation_at(window), dtype=np.float64)
         self.effect_threshold = float(effect_threshold)
         self.exit_level = float(effect_threshold) * float(exit_ratio)
         self.alpha = float(budget) / len(reference.names)
@@ -260,7 +307,7 @@ class FeatureDriftTracker:
         n = self._ring.fill
         window_mean = self._ring.sums / n
         effect = (window_mean - self._mean) / self._std
-        z = effect * math.sqrt(n)
+        z = effect * np.sqrt(n / self._inflation)
         p = _normal_two_sided(z)
         scores = np.abs(effect)
         drifting = bool(np.any((scores > self.effect_threshold) & (p < self.alpha)))
