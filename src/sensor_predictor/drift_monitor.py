@@ -30,6 +30,8 @@ log = structlog.get_logger("sensor_predictor.drift")
 
 # An open excursion's peak is written at most this often (the row is the record, not a log).
 PEAK_WRITE_SECONDS = 1.0
+# The per-feature gauges are set at most this often (and whenever a feature drifts).
+GAUGE_SECONDS = 0.25
 
 
 def _import_scipy_special() -> None:
@@ -68,6 +70,7 @@ class DriftMonitor:
         self._outliers: OutlierTracker | None = None
         self._excursion = ExcursionState()
         self._peak: float | None = None
+        self._last_gauges = 0.0
 
     async def start_model(self, model: LoadedModel, pool: asyncpg.Pool) -> None:
         # A restart in the middle of an excursion resumes it instead of reporting it again.
@@ -82,13 +85,31 @@ class DriftMonitor:
             await pool.execute(db.queries()["close_other_drift_rows"], model.version)
         except db.UNAVAILABLE as exc:
             log.warning("drift_rows_not_closed", error=str(exc) or type(exc).__name__)
+        self.track(model, resumed=open_row is not None)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_forever(pool), name="drift-writer")
+        log.info("drift_tracking_started", model_version=model.version,
+                 reference="training" if model.reference else "first full window",
+                 window=self._settings.drift_detection_window,
+                 resumed_excursion=open_row is not None,
+                 feature_reference=None if model.feature_reference is None
+                 else model.feature_reference.source,
+                 features=0 if self._features is None else len(self._features.names),
+                 outliers="tracked" if self._outliers is not None else
+                 "not tracked: the model carries no training distances")
+        # The p-value's scipy.special, imported off the event loop (~0.5 s cold), once the
+        # gauges above show the resumed state.
+        await asyncio.to_thread(_import_scipy_special)
+
+    def track(self, model: LoadedModel, resumed: bool = False) -> None:
+        """Fresh trackers for `model` (no I/O: start_model, and the bench)."""
         self._tracker = DriftTracker(
             n_clusters=model.n_clusters,
             window=self._settings.drift_detection_window,
             threshold=self._settings.drift_threshold,
             exit_threshold=self._settings.drift_exit_level,
             reference=model.reference,
-            in_excursion=open_row is not None,
+            in_excursion=resumed,
             p_value=self._settings.drift_p_value,
         )
         ref = model.feature_reference
@@ -100,10 +121,11 @@ class DriftMonitor:
                           else None)
         self._outliers = (OutlierTracker(ref.distance_p99, window,
                                          self._settings.outlier_share_threshold,
-                                         exit_ratio=min(exit_ratio, 1.0))
+                                         exit_ratio=min(exit_ratio, 1.0),
+                                         inflation=ref.outlier_inflation_at(window))
                           if ref is not None and ref.distance_p99 is not None
                           and self._settings.outlier_share_threshold < 1 else None)
-        self._excursion = ExcursionState(in_excursion=open_row is not None)
+        self._excursion = ExcursionState(in_excursion=resumed)
         self._peak = None
         self._metrics.reset_features(ref.names if self._features is not None and ref else ())
         self._metrics.outlier_share.set({}, float("nan"))
@@ -111,23 +133,10 @@ class DriftMonitor:
         self._version = model.version
         self._cluster_ids = (None if model.stable_ids is None
                              else tuple(int(i) for i in model.stable_ids.tolist()))
-        self._metrics.drift_detected.set({}, 1 if open_row is not None else 0)
+        self._metrics.drift_detected.set({}, 1 if resumed else 0)
         self._metrics.drift_score.set({}, float("nan"))
         self._metrics.drift_p_value.set({}, float("nan"))
         self._metrics.drift_window_fill.set({}, 0)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_forever(pool), name="drift-writer")
-        log.info("drift_tracking_started", model_version=model.version,
-                 reference="training" if model.reference else "first full window",
-                 window=self._settings.drift_detection_window,
-                 resumed_excursion=open_row is not None,
-                 feature_reference=None if ref is None else ref.source,
-                 features=0 if self._features is None else len(ref.names) if ref else 0,
-                 outliers="tracked" if self._outliers is not None else
-                 "not tracked: the model carries no training distances")
-        # The p-value's scipy.special, imported off the event loop (~0.5 s cold), once the
-        # gauges above show the resumed state.
-        await asyncio.to_thread(_import_scipy_special)
 
     def observe(self, model: LoadedModel, labels: npt.NDArray[np.int64],
                 matrix: npt.NDArray[np.float64] | None = None,
@@ -152,7 +161,12 @@ class DriftMonitor:
         if features is not None and matrix is not None and matrix.shape[0] == labels.size:
             state = features.update(matrix)
             if state is not None:
-                m.set_features(features.names, state.scores, state.p_values)
+                now = time.monotonic()
+                # 40 labelled series cost ~40 us to set: at most every GAUGE_SECONDS (a
+                # scrape is seconds apart), and at once when the event opens (below).
+                if now - self._last_gauges >= GAUGE_SECONDS or state.drifting:
+                    self._last_gauges = now
+                    m.set_features(features.names, state.scores, state.p_values)
                 fired["feature"], holding["feature"] = state.drifting, state.holding
                 ranked = state.ranked
         outliers = self._outliers

@@ -50,6 +50,7 @@ FALSE_ALARM_BUDGET = 1e-7
 """Expected false events per stationary reading, per rule (features together; outliers)."""
 OUTLIER_QUANTILE = 0.99
 """A reading is an outlier beyond this quantile of the training distances."""
+OUTLIER_SHARE = 1.0 - OUTLIER_QUANTILE
 TOP_FEATURES = 5
 """How many features a drift row names."""
 
@@ -72,6 +73,8 @@ class FeatureReference:
     """Per window size, per feature: the variance of the mean of that many consecutive
     training readings over the iid value std^2 / window (the design effect of the stream's
     autocorrelation; 1 for independent readings). Empty: taken as 1."""
+    outlier_inflation: tuple[tuple[int, float], ...] = ()
+    """The same for the count of readings beyond distance_p99 (their episodes come in runs)."""
 
     def __post_init__(self) -> None:
         p = len(self.names)
@@ -88,6 +91,13 @@ class FeatureReference:
                     math.isfinite(f) and f > 0 for f in factors):
                 raise ValueError(f"inflation at window {w}: {len(factors)} factors for {p}")
 
+    def outlier_inflation_at(self, window: int) -> float:
+        """The outlier count's design effect at `window` (nearest stored), at least 1."""
+        if not self.outlier_inflation:
+            return 1.0
+        _, factor = min(self.outlier_inflation, key=lambda e: abs(math.log(e[0] / window)))
+        return max(1.0, factor)
+
     def inflation_at(self, window: int) -> tuple[float, ...]:
         """The design effect per feature at `window`: the stored window nearest to it (in
         ratio), at least 1; all 1 when none is stored."""
@@ -100,7 +110,8 @@ class FeatureReference:
         return {"names": list(self.names), "mean": list(self.mean), "std": list(self.std),
                 "distance_p99": self.distance_p99, "distance_p999": self.distance_p999,
                 "source": self.source,
-                "inflation": {str(w): list(f) for w, f in self.inflation}}
+                "inflation": {str(w): list(f) for w, f in self.inflation},
+                "outlier_inflation": {str(w): f for w, f in self.outlier_inflation}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FeatureReference:
@@ -113,7 +124,9 @@ class FeatureReference:
                    opt(data.get("distance_p99")), opt(data.get("distance_p999")),
                    str(data.get("source", "training")),
                    tuple(sorted((int(w), tuple(float(x) for x in f))
-                                for w, f in (data.get("inflation") or {}).items())))
+                                for w, f in (data.get("inflation") or {}).items())),
+                   tuple(sorted((int(w), float(f))
+                                for w, f in (data.get("outlier_inflation") or {}).items())))
 
 
 def reference_from_training(names: Sequence[str], matrix: Matrix, distances: Matrix
@@ -123,10 +136,13 @@ def reference_from_training(names: Sequence[str], matrix: Matrix, distances: Mat
     std = matrix.std(axis=0)
     std = np.where(std > 0, std, 1.0)  # a constant column: any change is drift, any unit will do
     p99, p999 = np.quantile(distances, [0.99, 0.999])
+    beyond = (np.asarray(distances) > p99).astype(np.float64).reshape(-1, 1)
+    outlier = design_effects(beyond, np.array([math.sqrt(OUTLIER_SHARE * (1 - OUTLIER_SHARE))]))
     return FeatureReference(tuple(names), tuple(matrix.mean(axis=0).tolist()),
                             tuple(std.tolist()),
                             float(p99) if p99 > 0 else None, float(p999) if p999 > 0 else None,
-                            inflation=design_effects(matrix, std))
+                            inflation=design_effects(matrix, std),
+                            outlier_inflation=tuple((w, f[0]) for w, f in outlier))
 
 
 INFLATION_WINDOWS = (10, 20, 50, 100, 200, 500, 1000)
@@ -181,15 +197,16 @@ def _normal_two_sided(z: Matrix) -> Matrix:
     return np.asarray(2.0 * ndtr(-np.abs(z)), dtype=np.float64)
 
 
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
+def binomial_tail(k: float, n: float, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), continued to real k and n (the regularised incomplete
+    beta I_p(k, n - k + 1)): an overdispersed count is tested as k / d out of n / d."""
     if k <= 0:
         return 1.0
     if k > n:
         return 0.0
-    from scipy.special import bdtrc
+    from scipy.special import betainc
 
-    return float(bdtrc(k - 1, n, p))
+    return float(betainc(k, n - k + 1, p))
 
 
 class _Ring:
@@ -330,7 +347,8 @@ class OutlierTracker:
     """Share of the window beyond the training distances' 99th percentile."""
 
     def __init__(self, threshold_distance: float, window: int, share_threshold: float = 0.05,
-                 exit_ratio: float = 0.75, budget: float = FALSE_ALARM_BUDGET) -> None:
+                 exit_ratio: float = 0.75, budget: float = FALSE_ALARM_BUDGET,
+                 inflation: float = 1.0) -> None:
         if not threshold_distance > 0:
             raise ValueError(f"threshold_distance must be > 0, got {threshold_distance}")
         self.threshold_distance = float(threshold_distance)
@@ -338,6 +356,8 @@ class OutlierTracker:
         self.share_threshold = float(share_threshold)
         self.exit_level = float(share_threshold) * float(exit_ratio)
         self.alpha = float(budget)
+        self.inflation = max(1.0, float(inflation))
+        """The count's design effect: k outliers of n weigh as k / inflation of n / inflation."""
 
     @property
     def window_full(self) -> bool:
@@ -351,7 +371,7 @@ class OutlierTracker:
         n = self._ring.fill
         k = round(float(self._ring.sums[0]))
         share = k / n
-        p = binomial_tail(k, n, 1.0 - OUTLIER_QUANTILE)
+        p = binomial_tail(k / self.inflation, n / self.inflation, OUTLIER_SHARE)
         return OutlierState(share, p, share > self.share_threshold and p < self.alpha,
                             share >= self.exit_level)
 
