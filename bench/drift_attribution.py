@@ -14,10 +14,12 @@ Run: uv run python bench/drift_attribution.py [--quick] > bench/results/drift_at
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
 import numpy as np
+import structlog
 
 from sensor_predictor.config import Settings
 from sensor_predictor.drift import g_test_p_value, js_divergence
@@ -298,6 +300,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer trials and readings")
     args = parser.parse_args()
     q = args.quick
+    # The monitor's event logs (every simulated excursion) are not the bench's output.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     started = time.perf_counter()
     from sensor_predictor.simulator.generator import generate_feature_matrix
 
