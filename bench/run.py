@@ -55,7 +55,7 @@ from sensor_predictor.training import activate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["drift", "drain", "old", "adoption", "producer", "live", "foreign", "restart",
-          "shadow"]
+          "shadow", "pooled"]
 TMP = ROOT / "bench" / ".tmp"
 # Readings not scored yet (waiting, or handed out and unwritten): the product's own named query,
 # whatever the claim protocol behind it. The bench never names the claim tables itself.
@@ -917,11 +917,82 @@ class Bench:
                 self.results["restart"] = await self.phase_restart()
             if "shadow" in phases:
                 self.results["shadow"] = await self.phase_shadow()
+            if "pooled" in phases:
+                self.results["pooled"] = await self.phase_pooled()
         finally:
             if self.server is not None:
                 await asyncio.to_thread(stop_cluster, self.server)
         self.results["bench_seconds"] = round(time.monotonic() - t_start, 1)
         return self.results
+
+    async def phase_pooled(self) -> dict[str, Any]:
+        """One worker (the defaults) directly, directly in transaction mode (leases, no
+        statement cache: the mode's own cost), through PgBouncer in session mode, and through
+        PgBouncer in transaction mode with LISTEN direct: the drain rate of --pooled-n waiting
+        readings, then the latency at 1,000/s."""
+        from sensor_predictor.devtools.pgbouncer import start_pgbouncer
+
+        assert self.server is not None
+        session = await asyncio.to_thread(start_pgbouncer, self.server, "session", 20)
+        transaction = await asyncio.to_thread(
+            start_pgbouncer, self.server, "transaction", 4, ("postgres",),
+            {"idle_transaction_timeout": "5"})
+        direct = {"POSTGRES_HOST": self.server.host, "POSTGRES_PORT": str(self.server.port)}
+        routes = {
+            "direct": {},
+            "direct_transaction_mode": {"POSTGRES_POOL_MODE": "transaction"},
+            "pgbouncer_session": {"POSTGRES_HOST": session.host,
+                                  "POSTGRES_PORT": str(session.port)},
+            "pgbouncer_transaction": {"POSTGRES_HOST": transaction.host,
+                                      "POSTGRES_PORT": str(transaction.port),
+                                      "POSTGRES_POOL_MODE": "transaction",
+                                      "POSTGRES_LISTEN_HOST": direct["POSTGRES_HOST"],
+                                      "POSTGRES_LISTEN_PORT": direct["POSTGRES_PORT"]},
+        }
+        out: dict[str, Any] = {}
+        try:
+            for route, env in routes.items():
+                out[route] = await self._pooled_route(route, env)
+        finally:
+            session.stop()
+            transaction.stop()
+        say("pooled: " + "; ".join(
+            f"{r}: drain {v['drain_rate']:,}/s, 1k/s p50 {v['p50_ms']} p99 {v['p99_ms']} ms"
+            for r, v in out.items()))
+        return out
+
+    async def _pooled_route(self, route: str, env: dict[str, str]) -> dict[str, Any]:
+        n = self.args.pooled_n
+        name = f"pooled_{route}"
+        conn = await self.new_db(name)
+        try:
+            await self.load_waiting(conn, n)
+            w = self.start_worker(name, name, **env)
+            try:
+                await w.seconds_to_ready()
+                deadline = time.monotonic() + self.args.drain_cap
+                while time.monotonic() < deadline:
+                    if (await w.ascrape()).get("sensor_predictions_total", 0.0) >= n:
+                        break
+                    await asyncio.sleep(0.25)
+                row = await conn.fetchrow(
+                    "SELECT count(*) AS n, min(c) AS first, max(c) AS last FROM"
+                    " (SELECT pg_xact_commit_timestamp(xmin) AS c FROM predictions) p")
+                span = (row["last"] - row["first"]).total_seconds()
+                steady = await self.steady(conn, w, name, 1000)
+            finally:
+                await w.astop()
+            check = await exactly_once(conn)
+        finally:
+            await conn.close()
+            await self.drop_db(name)
+        lat = steady["latency_ms"]["insert_to_commit"]
+        result = {"drain_rate": round(row["n"] / span) if span > 0 else None,
+                  "drained": row["n"], "p50_ms": lat["p50"], "p95_ms": lat["p95"],
+                  "p99_ms": lat["p99"], "exactly_once": check["ok"], "env": env}
+        say(f"{name}: drain {result['drain_rate']:,}/s, 1k/s insert->prediction p50 "
+            f"{result['p50_ms']} p99 {result['p99_ms']} ms, exactly once: {check['ok']}")
+        return result
 
     async def phase_shadow(self) -> dict[str, Any]:
         """Worker CPU per reading with a shadow candidate vs without, on the same paced stream
@@ -1175,6 +1246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shadow-seconds", type=float, default=15)
     p.add_argument("--shadow-rounds", type=int, default=3,
                    help="alternating rounds without and with a shadow candidate")
+    p.add_argument("--pooled-n", type=int, default=200_000,
+                   help="readings waiting per drain of the pooled phase")
     p.add_argument("--pool", type=int, default=200_000, help="distinct readings generated")
     p.add_argument("--drift-repeats", type=int, default=300)
     p.add_argument("--profile", action="store_true",
@@ -1192,7 +1265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  "step_seconds": 5, "old_seconds": 5, "swaps": 4, "pool": 50_000,
                  "drift_repeats": 100, "step_rates": [1000, 10_000, 30_000, 40_000],
                  "ceiling_seconds": 4, "foreign_seconds": 6, "foreign_timeout": 15, "kills": 5,
-                 "shadow_seconds": 5, "shadow_rounds": 2,
+                 "shadow_seconds": 5, "shadow_rounds": 2, "pooled_n": 50_000,
                  "steady_rates": [1000]}
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):

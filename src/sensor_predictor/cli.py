@@ -1,4 +1,5 @@
-"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, clusters, demo."""
+"""The `sensor-predictor` command: migrate, run, train, simulate, rescore, reset-cursor, clusters,
+demo."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 import structlog
 
 from sensor_predictor.config import ConfigError, Settings, load_settings
+from sensor_predictor.connect_errors import ConnectFailed
 from sensor_predictor.logging_setup import configure_logging
 
 log = structlog.get_logger("sensor_predictor.cli")
@@ -67,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     rescore.add_argument("--to-id", type=int, default=None, help="up to this id (all)")
     rescore.add_argument("--batch-size", type=_positive_int, default=1000,
                          help="readings per transaction (1000)")
+
+    sub.add_parser("reset-cursor",
+                   help="re-anchor the scoring cursor (after moving the database by hand): "
+                        "readings with no result are swept once, then scoring goes on")
+
+    widen = sub.add_parser(
+        "widen-ids", help="widen an adopted database's integer ids (readings, predictions) to "
+                          "bigint online, writers keep writing; resumable: run it again")
+    widen.add_argument("--batch-size", type=_positive_int, default=20_000,
+                       help="rows per backfill UPDATE (20000)")
+    widen.add_argument("--lock-timeout-ms", type=_positive_int, default=200,
+                       help="longest wait for a table lock before retrying (200); writers "
+                            "queue behind the waiting statement")
 
     sub.add_parser("clusters", help="show each model version's label -> stable cluster id "
                                     "mapping (aligned at its first use)")
@@ -161,6 +176,36 @@ async def _rescore(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _reset_cursor(settings: Settings) -> int:
+    from sensor_predictor import db
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        top = await conn.fetchval(db.queries()["reset_cursor"])
+    finally:
+        await conn.close()
+    log.warning("cursor_reset", swept_up_to_id=top,
+                note="readings up to this id without a prediction or an error are handed out "
+                     "by the next claims, then the snapshot protocol resumes")
+    print(f"swept_up_to_id={top}", flush=True)
+    return 0
+
+
+async def _widen_ids(settings: Settings, args: argparse.Namespace) -> int:
+    from sensor_predictor import db
+    from sensor_predictor.widen_ids import widen_ids
+
+    conn = await db.connect(settings, timeout=30)
+    try:
+        report = await widen_ids(conn, batch_size=args.batch_size,
+                                 lock_timeout_ms=args.lock_timeout_ms)
+    finally:
+        await conn.close()
+    print(f"widened={','.join(report.widened) or 'none'} seconds={report.seconds:.1f} "
+          f"longest_lock_s={report.longest_lock_seconds:.3f}", flush=True)
+    return 0
+
+
 async def _clusters(settings: Settings) -> int:
     from sensor_predictor import cluster_registry, db
 
@@ -207,9 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sensor-predictor: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format,
+                      secrets=settings.secret_values())
     if args.command == "run" and args.no_migrate:
         settings = dataclasses.replace(settings, migrate_on_start=False)
+    if args.command not in ("run", "demo"):
+        from sensor_predictor import db
+
+        log.debug("database_connection", hosts=[f"{h}:{p}" for h, p in settings.endpoints],
+                  target_session_attrs=settings.target_session_attrs,
+                  **db.describe_tls(settings))
     try:
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
@@ -221,14 +273,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_simulate(settings, args))
         if args.command == "rescore":
             return asyncio.run(_rescore(settings, args))
+        if args.command == "reset-cursor":
+            return asyncio.run(_reset_cursor(settings))
         if args.command == "clusters":
             return asyncio.run(_clusters(settings))
+        if args.command == "widen-ids":
+            return asyncio.run(_widen_ids(settings, args))
         if args.command == "demo":
             from sensor_predictor.demo import run_demo
 
             return run_demo(args)
     except KeyboardInterrupt:
         return 130
+    except ConnectFailed as exc:
+        # One line: the cause and the variable to change. An outage exits 1, a configuration
+        # error 2 (EXIT_CONFIG), like an invalid setting.
+        print(f"sensor-predictor: {args.command}: {exc.cause.line()}", file=sys.stderr)
+        return 1 if exc.cause.transient else EXIT_CONFIG
     return 0
 
 

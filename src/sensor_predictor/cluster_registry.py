@@ -26,7 +26,9 @@ from sensor_predictor.model_types import LoadedModel
 
 log = structlog.get_logger("sensor_predictor.clusters")
 
-ALIGN_LOCK = (21328, 2_000_000_001)  # class of the claim locks, a key no claim id reaches
+# A lock class of its own (the claims' is 21328, where every key is some claim's after enough
+# claims: sp_claim_lock_key wraps at 2^31 - 1).
+ALIGN_LOCK = (21329, 1)
 
 Lookup = npt.NDArray[np.int64]
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 T = TypeVar("T")
 
@@ -48,6 +49,24 @@ class Settings:
     postgres_user: str = "sensor_user"
     postgres_password: Secret = field(default_factory=lambda: Secret("sensor_password"))
     postgres_db: str = "sensor_data"
+    # Several hosts (POSTGRES_HOST=a,b): one port for all (postgres_port), or one each.
+    postgres_ports: tuple[int, ...] = ()
+    # libpq's target_session_attrs: a standby or a demoted (read-only) primary is skipped.
+    target_session_attrs: str = "read-write"
+    # Seconds one host gets to answer, authenticate and pass the target_session_attrs check.
+    connect_timeout: float = 5.0
+    # TLS, named as libpq names it (POSTGRES_* win over PGSSLMODE, PGSSLROOTCERT, ...).
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    sslpassword: Secret | None = None
+    # The LISTEN connection's server (transaction mode: the server itself or a session pool);
+    # empty: the main host(s) and port(s).
+    listen_host: str = ""
+    listen_port: int | None = None
+    # No LISTEN at all: wake-ups every INFERENCE_INTERVAL_SECONDS only (documented, explicit).
+    poll_only: bool = False
     prediction_batch_size: int = 100
     inference_interval_seconds: float = 30.0
     drift_threshold: float = 0.1
@@ -84,6 +103,9 @@ class Settings:
     log_format: str = "auto"
     # Verified models kept for a restart without MLflow; "off" keeps none. "~" is expanded.
     model_cache_dir: str = "~/.cache/sensor-predictor"
+    # Where models may be read from (model_sources.py): tracking and artifact URI prefixes.
+    # Empty: the tracking URI itself (and a local store's folder), nothing else.
+    model_sources_allowed: tuple[str, ...] = ()
 
     @property
     def drift_exit_level(self) -> float:
@@ -91,15 +113,60 @@ class Settings:
             return self.drift_exit_threshold
         return 0.75 * self.drift_threshold
 
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs of POSTGRES_HOST / POSTGRES_PORT, in order."""
+        return _endpoints(self.postgres_host, self.postgres_ports or (self.postgres_port,))
+
+    @property
+    def listen_endpoints(self) -> list[tuple[str, int]]:
+        """Where the LISTEN connection goes: POSTGRES_LISTEN_HOST / _PORT, else the main ones."""
+        hosts = self.listen_host or self.postgres_host
+        if self.listen_port is not None:
+            return _endpoints(hosts, (self.listen_port,))
+        if not self.listen_host:
+            return self.endpoints
+        return _endpoints(hosts, (self.postgres_port,))
+
+    @property
+    def listen_is_separate(self) -> bool:
+        return self.listen_endpoints != self.endpoints
+
+    @property
+    def verifies_server(self) -> bool:
+        """Whether the server's certificate is checked against a CA (verify-ca, verify-full)."""
+        return self.sslmode in ("verify-ca", "verify-full")
+
     def connect_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for asyncpg.connect / create_pool (the password stays out of DSNs)."""
-        return {
-            "host": self.postgres_host,
-            "port": self.postgres_port,
+        """Keyword arguments for asyncpg.connect / create_pool (the password stays out of DSNs):
+        every host and port, target_session_attrs, and the TLS settings (as libpq parameters in
+        a DSN without host or credentials, so that asyncpg builds its TLS context from ours)."""
+        hosts = self.endpoints
+        tls = {"sslmode": self.sslmode, "sslrootcert": self.sslrootcert,
+               "sslcert": self.sslcert, "sslkey": self.sslkey}
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in tls.items() if v)
+        kwargs: dict[str, Any] = {
+            "dsn": f"postgresql://?{query}",
+            "host": [h for h, _ in hosts] if len(hosts) > 1 else hosts[0][0],
+            "port": [p for _, p in hosts] if len(hosts) > 1 else hosts[0][1],
             "user": self.postgres_user,
             "password": self.postgres_password.reveal(),
             "database": self.postgres_db,
+            "target_session_attrs": self.target_session_attrs,
         }
+        if self.sslpassword is not None:
+            kwargs["dsn"] += "&sslpassword=" + quote(self.sslpassword.reveal(), safe="")
+        return kwargs
+
+    def secret_values(self) -> list[str]:
+        """The values no log line may carry (logging_setup masks them wherever they appear):
+        the PostgreSQL password and the credentials of the tracking URI."""
+        from sensor_predictor.logging_setup import url_credentials
+
+        values = [self.postgres_password.reveal(), *url_credentials(self.mlflow_tracking_uri)]
+        if self.sslpassword is not None:
+            values.append(self.sslpassword.reveal())
+        return values
 
     def describe(self) -> dict[str, Any]:
         """The settings as loggable fields, secrets masked."""
@@ -119,6 +186,52 @@ def _port(raw: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError("must be a TCP port, 0-65535")
     return value
+
+
+def _ports(raw: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in raw.split(",")]
+    if not all(parts):
+        raise ValueError("must be a TCP port, or a comma-separated list of them")
+    return tuple(_port(p) for p in parts)
+
+
+def _hosts(raw: str) -> str:
+    parts = [h.strip() for h in raw.split(",")]
+    if not all(parts):
+        raise ValueError("must be a host name, or a comma-separated list of them")
+    return ",".join(parts)
+
+
+def _endpoints(hosts_text: str, ports: tuple[int, ...]) -> list[tuple[str, int]]:
+    hosts = [h.strip() for h in hosts_text.split(",")]
+    if len(ports) == 1:
+        return [(h, ports[0]) for h in hosts]
+    return list(zip(hosts, ports, strict=True))
+
+
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby",
+                        "prefer-standby")
+
+
+def _sslmode(raw: str) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in SSLMODES:
+        raise ValueError("must be one of " + ", ".join(SSLMODES))
+    return lowered
+
+
+def _target_session_attrs(raw: str) -> str:
+    lowered = raw.strip().lower()
+    if lowered not in TARGET_SESSION_ATTRS:
+        raise ValueError("must be one of " + ", ".join(TARGET_SESSION_ATTRS))
+    return lowered
+
+
+def _path(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must be a file path")
+    return str(Path(raw.strip()).expanduser())
 
 
 def _positive_float(raw: str) -> float:
@@ -191,11 +304,20 @@ def _cache_dir(raw: str) -> str:
     return "off" if raw.strip().lower() == "off" else raw
 
 
+def _uri_list(raw: str) -> tuple[str, ...]:
+    """Comma- or blank-separated URI prefixes; empty: the default."""
+    items = tuple(part for part in raw.replace(",", " ").split() if part)
+    for item in items:
+        if item in ("*", "/", "file:///", "file://", "http://", "https://"):
+            raise ValueError(f"{item!r} would allow everything; name the locations")
+    return items
+
+
 # environment variable -> (settings field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _non_empty),
-    "POSTGRES_HOST": ("postgres_host", _non_empty),
-    "POSTGRES_PORT": ("postgres_port", _port),
+    "POSTGRES_HOST": ("postgres_host", _hosts),
+    "POSTGRES_PORT": ("postgres_ports", _ports),
     "POSTGRES_USER": ("postgres_user", _non_empty),
     "POSTGRES_DB": ("postgres_db", _non_empty),
     "PREDICTION_BATCH_SIZE": ("prediction_batch_size", _positive_int),
@@ -218,7 +340,37 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "LOG_LEVEL": ("log_level", _log_level),
     "LOG_FORMAT": ("log_format", _log_format),
     "MODEL_CACHE_DIR": ("model_cache_dir", _cache_dir),
+    "MODEL_SOURCES_ALLOWED": ("model_sources_allowed", _uri_list),
+    "POSTGRES_TARGET_SESSION_ATTRS": ("target_session_attrs", _target_session_attrs),
+    "POSTGRES_CONNECT_TIMEOUT": ("connect_timeout", _positive_float),
+    "POSTGRES_SSLMODE": ("sslmode", _sslmode),
+    "POSTGRES_SSLROOTCERT": ("sslrootcert", _path),
+    "POSTGRES_SSLCERT": ("sslcert", _path),
+    "POSTGRES_SSLKEY": ("sslkey", _path),
+    "POSTGRES_LISTEN_HOST": ("listen_host", _hosts),
+    "POSTGRES_LISTEN_PORT": ("listen_port", _port),
+    "POLL_ONLY": ("poll_only", _boolean),
 }
+
+# libpq's own variables, read when the POSTGRES_* one is not set (POSTGRES_* win).
+_LIBPQ_FALLBACKS: dict[str, str] = {
+    "POSTGRES_SSLMODE": "PGSSLMODE",
+    "POSTGRES_SSLROOTCERT": "PGSSLROOTCERT",
+    "POSTGRES_SSLCERT": "PGSSLCERT",
+    "POSTGRES_SSLKEY": "PGSSLKEY",
+    "POSTGRES_TARGET_SESSION_ATTRS": "PGTARGETSESSIONATTRS",
+    "POSTGRES_CONNECT_TIMEOUT": "PGCONNECT_TIMEOUT",
+}
+
+
+def _read_secret_file(environ: Mapping[str, str], name: str) -> Secret | None:
+    path = environ.get(name)
+    if not path:
+        return None
+    try:
+        return Secret(Path(path).read_text(encoding="utf-8").rstrip("\r\n"))
+    except OSError as exc:
+        raise ConfigError(f"{name}={path!r} cannot be read: {exc.strerror}") from None
 
 
 def _read_password(environ: Mapping[str, str]) -> Secret | None:
@@ -242,6 +394,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     problems: list[str] = []
     for name, (attr, parse) in _VARIABLES.items():
         raw = env.get(name)
+        if raw is None and name in _LIBPQ_FALLBACKS:
+            name = _LIBPQ_FALLBACKS[name]
+            raw = env.get(name)
         if raw is None:
             continue
         try:
@@ -258,6 +413,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         password = None
     if password is not None:
         values["postgres_password"] = password
+    try:
+        sslpassword = _read_secret_file(env, "POSTGRES_SSLPASSWORD_FILE")
+    except ConfigError as exc:
+        problems.append(str(exc))
+        sslpassword = None
+    if sslpassword is not None:
+        values["sslpassword"] = sslpassword
+    ports = values.pop("postgres_ports", None)
+    if ports is not None:
+        values["postgres_port"] = ports[0]
+        hosts = values.get("postgres_host", Settings.postgres_host).split(",")
+        if len(ports) > 1:
+            if len(ports) != len(hosts):
+                problems.append(
+                    f"POSTGRES_PORT={env.get('POSTGRES_PORT')!r}: {len(ports)} ports for "
+                    f"{len(hosts)} hosts in POSTGRES_HOST (one port for all, or one per host)")
+            else:
+                values["postgres_ports"] = ports
     if not problems:
         threshold = values.get("drift_threshold", Settings.drift_threshold)
         exit_level = values.get("drift_exit_threshold")

@@ -14,10 +14,11 @@ import json
 import pickle
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sensor_predictor import db
+from sensor_predictor import db, model_sources
 from sensor_predictor.feature_drift import reference_from_kernel
 from sensor_predictor.kmeans_kernel import from_parts
 from sensor_predictor.model_contract import (
@@ -31,6 +32,7 @@ from sensor_predictor.model_contract import (
     legacy_sensors,
     profile_feature_sets,
 )
+from sensor_predictor.model_sources import RunLocation, SourcePolicy, SourceRefused
 from sensor_predictor.model_types import (
     ActiveRow,
     Bookkeeping,
@@ -43,51 +45,53 @@ from sensor_predictor.model_types import (
 )
 
 
-def load_if_legacy(row: ActiveRow, model_name: str,
-                   bookkeeping: Bookkeeping | None) -> LoadedModel | None:
-    """The run's old-layout model, verified; None when the run is not in that layout."""
+def load_if_legacy(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
+                   run: RunLocation, policy: SourcePolicy) -> LoadedModel | None:
+    """The run's old-layout model, verified; None when the run is not in that layout. Every
+    location read from is checked against `policy` first (model_sources.py)."""
     mlflow = mlflow_module()
-    client = mlflow.MlflowClient()
-    try:
-        names = {Path(a.path).name for a in client.list_artifacts(row.run_id)}
-    except Exception as exc:
-        reason = mlflow_reason(exc)
-        if reason == "mlflow_unreachable":
-            raise ModelLoadError(reason, f"cannot list the artifacts of run {row.run_id}: "
-                                         f"{first_line(exc)}") from exc
-        return None
     # An MLflow 3 client logs the KMeans as a logged model, not under the run's artifacts, so
-    # scaler.pkl alone marks the layout; runs:/<run>/kmeans_model resolves either way.
-    if LEGACY_SCALER_ARTIFACT not in names:
+    # scaler.pkl alone marks the layout; the KMeans is found either way.
+    if LEGACY_SCALER_ARTIFACT not in run.names:
         return None
-    uri = f"runs:/{row.run_id}/{LEGACY_MODEL_ARTIFACT}"
+    where = f"the old trainer's model of run {row.run_id}"
+    base = run.artifact_uri.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="sp-legacy-") as tmp:
         try:
+            location = model_sources.model_location(mlflow, run, LEGACY_MODEL_ARTIFACT, policy)
+            if location is None:
+                raise ModelLoadError("not_found", f"{where} has {LEGACY_SCALER_ARTIFACT} but no "
+                                                  f"{LEGACY_MODEL_ARTIFACT}")
+            root = Path(tmp)
+            kmeans_dir = model_sources.download(mlflow, location, root / "kmeans")
+            scaler_path = model_sources.download(
+                mlflow, f"{base}/{LEGACY_SCALER_ARTIFACT}", root / "run")
+            profiles_path = (model_sources.download(
+                mlflow, f"{base}/{LEGACY_PROFILES_ARTIFACT}", root / "run")
+                if LEGACY_PROFILES_ARTIFACT in run.names else None)
+            digest = model_sources.digest_files(root)
             with warnings_logged(row):
-                kmeans = mlflow.sklearn.load_model(uri)
-                scaler = _unpickle(Path(mlflow.artifacts.download_artifacts(
-                    run_id=row.run_id, artifact_path=LEGACY_SCALER_ARTIFACT, dst_path=tmp)))
-            file_profiles = None
-            if LEGACY_PROFILES_ARTIFACT in names:
-                file_profiles = json.loads(Path(mlflow.artifacts.download_artifacts(
-                    run_id=row.run_id, artifact_path=LEGACY_PROFILES_ARTIFACT,
-                    dst_path=tmp)).read_text(encoding="utf-8"))
+                kmeans = mlflow.sklearn.load_model(str(kmeans_dir))
+                scaler = _unpickle(scaler_path)
+            file_profiles = None if profiles_path is None else json.loads(
+                profiles_path.read_text(encoding="utf-8"))
         except ModelLoadError:
             raise
+        except SourceRefused as exc:
+            raise ModelLoadError(exc.reason, str(exc)) from None
         except Exception as exc:
             raise ModelLoadError(
-                mlflow_reason(exc),
-                f"cannot load the old trainer's model of run {row.run_id}: "
-                f"{first_line(exc)}") from exc
-    return build_legacy_model(row, model_name, scaler, kmeans, file_profiles,
-                              bookkeeping.profiles if bookkeeping else None)
+                mlflow_reason(exc), f"cannot load {where}: {first_line(exc)}") from exc
+    model = build_legacy_model(row, model_name, scaler, kmeans, file_profiles,
+                               bookkeeping.profiles if bookkeeping else None)
+    return replace(model, artifact_digest=digest, unpickled=True)
 
 
 def _unpickle(path: Path) -> Any:
     """scaler.pkl: a plain pickle (the trainer's), else a joblib dump (the same object)."""
     data = path.read_bytes()
     try:
-        return pickle.loads(data)  # an artifact of our own tracking server
+        return pickle.loads(data)  # from an allowed source only (model_sources.py)
     except Exception:
         import joblib  # type: ignore[import-untyped]  # scikit-learn's dependency
 

@@ -22,7 +22,7 @@ from aioprometheus.renderer import render
 from sensor_predictor.features import REASONS as BAD_READING_REASONS
 from sensor_predictor.model_types import LOAD_FAILURE_REASONS as MODEL_LOAD_FAILURE_REASONS
 
-WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry")
+WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry", "orphan")
 SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
                           "queue_full")
 
@@ -126,6 +126,11 @@ class Metrics:
             registry=r)
         self.backlog = Gauge(
             "sensor_backlog_readings", "Committed readings not scored yet.", registry=r)
+        self.id_headroom = Gauge(
+            "sensor_id_headroom_ratio",
+            "Share of the id type still free, by table (readings, predictions): 1 - highest id "
+            "used / the type's maximum (integer on a database adopted from the old system: "
+            "`sensor-predictor widen-ids` makes it bigint).", registry=r)
         self.open_reading_transactions = Gauge(
             "sensor_open_reading_transactions",
             "Transactions still open that have written readings: those readings are scored "
@@ -136,6 +141,16 @@ class Metrics:
         self.claims_taken_over = Counter(
             "sensor_claims_taken_over_total",
             "Claims taken over from a worker whose database session ended.", registry=r)
+        self.claim_late_results = Counter(
+            "sensor_claim_late_results_total",
+            "Results discarded because their claim was taken over while this worker scored it "
+            "(its lease expired, or its session looked gone): the new owner writes them.",
+            registry=r)
+        self.cursor_reanchors = Counter(
+            "sensor_cursor_reanchors_total",
+            "Re-anchors of the scoring cursor: the database moved (another cluster, or a "
+            "transaction counter behind the cursor), readings without a result swept.",
+            registry=r)
         self.prediction_conflicts = Counter(
             "sensor_prediction_conflicts_total",
             "Results found already written by something else (kept, not written twice).",
@@ -149,6 +164,11 @@ class Metrics:
             buckets=BATCH_DURATION_BUCKETS)
         self.db_reconnects = Counter(
             "sensor_db_reconnects_total", "Database connections lost and re-established.",
+            registry=r)
+        self.listener_deaf = Counter(
+            "sensor_listener_deaf_total",
+            "Times the listen connection answered its heartbeat but did not listen (no "
+            "channels, or another server session: a transaction pooler); each one reconnected.",
             registry=r)
         # Shadow scoring (shadow_scorer.py): a candidate model beside the active one.
         self.shadow_candidate_info = Gauge(
@@ -197,6 +217,7 @@ class Metrics:
         # Every known series starts at 0, so rate() and increase() see the first event too.
         for counter in (self.predictions, self.model_swaps, self.drift_events,
                         self.claims_taken_over, self.prediction_conflicts,
+                        self.claim_late_results, self.cursor_reanchors,
                         self.shadow_predictions, self.shadow_evaluations):
             counter.set({}, 0)
         for reason in SHADOW_FAILURE_REASONS:

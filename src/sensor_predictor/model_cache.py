@@ -9,6 +9,15 @@ Writes are atomic (a temporary file in the same folder, fsynced, renamed over th
 crash leaves the old entry or the new one, never half of one. An entry that cannot be read,
 fails its checksum or does not match its key is discarded with a warning, and the model is
 fetched from MLflow as if it had never been cached. The newest KEEP_ENTRIES entries are kept.
+
+The folder is trusted only when this process's user owns it and nobody else may write to it
+(no group or other write bit); otherwise the cache is refused as a whole (logged once as
+`model_cache_refused` with its reason) and every model is fetched from MLflow. The same holds
+for each entry file. What the sha256 in an entry protects: against a torn or corrupted file,
+and an entry of another model put in its place. What it does not: anyone who can write the
+folder can write a new entry with a matching checksum (it is not a signature), which is why
+the folder's owner and mode are checked, and why the cache stores no pickle: an entry is
+arrays and names read with json, so the most a forged entry can do is serve wrong centroids.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +52,8 @@ class CacheEntry:
     reference: tuple[float, ...] | None
     legacy: bool
     kernel: dict[str, Any]
+    artifact_digest: str | None = None
+    """The digest of the MLflow artifacts it was built from (model_sources.py)."""
     feature_reference: dict[str, Any] | None = None
     """The per-feature drift reference (feature_drift.FeatureReference.to_json()); None in
     entries written before it existed."""
@@ -60,6 +72,17 @@ class ModelCache:
         self.tracking_uri = tracking_uri
         self.keep = keep
         self._write_failed = False
+        self._refused: str | None = None
+
+    def refusal(self) -> str | None:
+        """Why the folder is not trusted (a stable reason), or None. Logged once per reason."""
+        reason, detail = _untrusted(self.directory)
+        if reason is not None and reason != self._refused:
+            log.warning("model_cache_refused", directory=str(self.directory), reason=reason,
+                        detail=detail, note="serving without a cache: models are fetched from "
+                        "MLflow; fix the folder (owned by this user, mode 0700) to use it")
+        self._refused = reason
+        return reason
 
     def path(self, run_id: str, registered_version: int | None) -> Path:
         key = json.dumps([self.tracking_uri, run_id, registered_version])
@@ -67,7 +90,13 @@ class ModelCache:
 
     def load(self, run_id: str, registered_version: int | None) -> CacheEntry | None:
         """The entry, or None (absent; or unreadable, then discarded with a warning)."""
+        if self.refusal() is not None:
+            return None
         path = self.path(run_id, registered_version)
+        reason, detail = _untrusted(path, folder=False)
+        if reason is not None:
+            self.discard(run_id, registered_version, f"{reason}: {detail}")
+            return None
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -95,6 +124,8 @@ class ModelCache:
                 n_clusters=int(body["n_clusters"]),
                 reference=None if reference is None else tuple(float(p) for p in reference),
                 legacy=bool(body["legacy"]), kernel=dict(body["kernel"]),
+                artifact_digest=None if body.get("artifact_digest") is None
+                else str(body["artifact_digest"]),
                 feature_reference=(None if body.get("feature_reference") is None
                                    else dict(body["feature_reference"])))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -120,6 +151,8 @@ class ModelCache:
         tmp: str | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.refusal() is not None:
+                return False
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(document, f)
@@ -154,6 +187,28 @@ class ModelCache:
             if old != keep:
                 with contextlib.suppress(OSError):
                     old.unlink()
+
+
+def _untrusted(path: Path, folder: bool = True) -> tuple[str | None, str]:
+    """(reason, detail) when `path` may have been written by someone else; (None, "") when it
+    is ours alone or absent (a folder is created 0700 on first write)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return "unreadable", str(exc)
+    kind = "folder" if folder else "entry"
+    if folder and not stat.S_ISDIR(st.st_mode):
+        return "not_a_folder", f"{path} is not a folder"
+    if not folder and not stat.S_ISREG(st.st_mode):
+        return "not_a_file", f"{path} is not a regular file (a link?)"
+    if st.st_uid != os.geteuid():
+        return f"{kind}_owned_by_another_user", f"{path} is owned by uid {st.st_uid}, " \
+                                                f"not {os.geteuid()}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{kind}_writable_by_others", f"{path} has mode {stat.S_IMODE(st.st_mode):04o}"
+    return None, ""
 
 
 def _fsync_dir(directory: Path) -> None:

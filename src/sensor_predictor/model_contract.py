@@ -36,6 +36,11 @@ N_CLUSTERS_KEY = "n_clusters"
 # percentiles (feature_drift.FeatureReference.to_json()): the per-feature drift reference.
 FEATURE_REFERENCE_KEY = "feature_reference"
 
+# Beside the Pipeline, `train` logs the scaler's and the KMeans' parameters as plain JSON in the
+# run (model_sources.py reads it with json and numpy: no pickle, no scikit-learn).
+MODEL_JSON_ARTIFACT = "sensor_predictor_model.json"
+MODEL_JSON_FORMAT = 1
+
 # predictions.model_version is varchar(50).
 VERSION_LABEL_MAX = 50
 

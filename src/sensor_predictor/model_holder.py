@@ -15,20 +15,23 @@ the active model and for a shadow candidate alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import numpy as np
 import structlog
 
-from sensor_predictor import cluster_registry, db, legacy_model
+from sensor_predictor import cluster_registry, db, legacy_model, model_sources
 from sensor_predictor.feature_drift import FeatureReference, reference_from_kernel
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_cache import CacheEntry, ModelCache
@@ -36,9 +39,11 @@ from sensor_predictor.model_contract import (
     FEATURE_REFERENCE_KEY,
     FEATURES_KEY,
     MODEL_ARTIFACT,
+    MODEL_JSON_ARTIFACT,
     PROPORTIONS_KEY,
     profile_feature_sets,
 )
+from sensor_predictor.model_sources import SourcePolicy, SourceRefused
 from sensor_predictor.model_types import (
     ActiveRow,
     Bookkeeping,
@@ -59,29 +64,39 @@ FEATURE_CHECK_MIN_SHARE = 0.5
 
 
 def load_and_verify(row: ActiveRow, model_name: str,
-                    bookkeeping: Bookkeeping | None = None) -> LoadedModel:
-    """Blocking: fetch the run's model from MLflow and check it can serve. Runs in a thread."""
+                    bookkeeping: Bookkeeping | None = None,
+                    sources: SourcePolicy | None = None) -> LoadedModel:
+    """Blocking: fetch the run's model from an allowed source (model_sources.py) and check it
+    can serve. Runs in a thread. Ours is read from its JSON artifact (no pickle); a run without
+    one from its `model` (unpickled); a run with neither in the old trainer's layout."""
     mlflow = mlflow_module()
+    policy = sources or SourcePolicy(str(mlflow.get_tracking_uri()))
     uri = f"runs:/{row.run_id}/{MODEL_ARTIFACT}"
-    try:
-        with warnings_logged(row):
-            info = mlflow.models.get_model_info(uri)
-            pipeline = mlflow.sklearn.load_model(uri)
-    except Exception as exc:
-        failure = ModelLoadError(mlflow_reason(exc),
-                                 f"cannot load {uri} from MLflow: {first_line(exc)}")
-        if failure.reason == "mlflow_unreachable":
-            raise failure from exc
-        return _verified(_legacy_or_raise(row, model_name, bookkeeping, failure), uri)
-    metadata = info.metadata or {}
+    with _refusals(f"cannot load {uri} from MLflow"):
+        run = model_sources.locate_run(mlflow, row.run_id, policy)
+    if MODEL_JSON_ARTIFACT in run.names:
+        return _verified(_load_json(mlflow, row, model_name, run), uri)
+    with _refusals(f"cannot look up {uri} in MLflow"):
+        location = model_sources.model_location(mlflow, run, MODEL_ARTIFACT, policy)
+    if location is None:  # no model of ours at all: the old trainer's layout, or nothing
+        failure = ModelLoadError("not_found", f"run {row.run_id} has no {MODEL_ARTIFACT!r} "
+                                 f"model and no {MODEL_JSON_ARTIFACT}")
+        return _verified(_legacy_or_raise(row, model_name, bookkeeping, failure, run, policy),
+                         uri)
+    # A `model` that fails to load is refused: never retried through another pickle.
+    with (tempfile.TemporaryDirectory(prefix="sp-model-") as tmp,
+          _refusals(f"cannot load {uri} from MLflow"), warnings_logged(row)):
+        local = model_sources.download(mlflow, location, Path(tmp))
+        digest = model_sources.digest_files(local)
+        metadata = mlflow.models.Model.load(str(local)).metadata or {}
+        pipeline = mlflow.sklearn.load_model(str(local))
     names = metadata.get(FEATURES_KEY)
     if (not isinstance(names, list) or not names
             or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
-        failure = ModelLoadError(
+        raise ModelLoadError(
             "no_feature_names",
             f"{uri} carries no ordered feature names (metadata {FEATURES_KEY!r}); "
             "train it with `sensor-predictor train` or log that metadata")
-        return _verified(_legacy_or_raise(row, model_name, bookkeeping, failure), uri)
     n_in = getattr(pipeline, "n_features_in_", len(names))
     if n_in != len(names):
         raise ModelLoadError(
@@ -101,7 +116,7 @@ def load_and_verify(row: ActiveRow, model_name: str,
         n_clusters=int(n_clusters),
         reference=tuple(float(p) for p in reference) if reference else None,
         read_query=db.read_range_query(names), pipeline=pipeline,
-        kernel=kernel, model_features=tuple(names),
+        kernel=kernel, model_features=tuple(names), artifact_digest=digest, unpickled=True,
         feature_reference=feature_reference(metadata.get(FEATURE_REFERENCE_KEY), tuple(names),
                                             kernel, pipeline))
     return _verified(model, uri)
@@ -134,10 +149,49 @@ def feature_reference(logged: Any, names: tuple[str, ...], kernel: KMeansKernel 
         return None
 
 
+@contextlib.contextmanager
+def _refusals(what: str) -> Iterator[None]:
+    """A refused source, or MLflow's failure, as a ModelLoadError with its reason."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except SourceRefused as exc:
+        raise ModelLoadError(exc.reason, str(exc)) from None
+    except Exception as exc:
+        raise ModelLoadError(mlflow_reason(exc), f"{what}: {first_line(exc)}") from exc
+
+
+def _load_json(mlflow: Any, row: ActiveRow, model_name: str,
+               run: model_sources.RunLocation) -> LoadedModel:
+    """Our model from its JSON artifact: json and numpy, no pickle, no scikit-learn."""
+    with (tempfile.TemporaryDirectory(prefix="sp-model-") as tmp,
+          _refusals(f"cannot fetch {MODEL_JSON_ARTIFACT} of run {row.run_id} from MLflow")):
+        path = model_sources.download(
+            mlflow, f"{run.artifact_uri.rstrip('/')}/{MODEL_JSON_ARTIFACT}", Path(tmp))
+        raw = path.read_bytes()
+        digest = model_sources.digest_files(path.parent, [path])
+    try:
+        parsed = model_sources.parse_model_document(raw)
+    except ValueError as exc:
+        raise ModelLoadError(
+            "bad_model_artifact",
+            f"{MODEL_JSON_ARTIFACT} of run {row.run_id}: {exc} (the run's pickled model is "
+            "not tried instead)") from None
+    return LoadedModel(
+        row=row, model_name=model_name, feature_names=parsed.feature_names,
+        n_clusters=parsed.n_clusters, reference=parsed.reference,
+        read_query=db.read_range_query(parsed.feature_names), kernel=parsed.kernel,
+        model_features=parsed.feature_names, artifact_digest=digest,
+        feature_reference=feature_reference(parsed.feature_reference, parsed.feature_names,
+                                            parsed.kernel))
+
+
 def _legacy_or_raise(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
-                     failure: ModelLoadError) -> LoadedModel:
+                     failure: ModelLoadError, run: model_sources.RunLocation,
+                     policy: SourcePolicy) -> LoadedModel:
     """The run in the old trainer's layout, when it is one; else `failure`."""
-    model = legacy_model.load_if_legacy(row, model_name, bookkeeping)
+    model = legacy_model.load_if_legacy(row, model_name, bookkeeping, run, policy)
     if model is None:
         raise failure
     return model
@@ -204,6 +258,19 @@ async def _check_features_in_readings(pool: asyncpg.Pool, names: Sequence[str]) 
             f"model needs ({', '.join(names[:3])}...)")
 
 
+async def check_digest(conn: asyncpg.Pool | asyncpg.Connection, model: LoadedModel) -> None:
+    """Record the model's artifact digest when it is first served; refuse it when the digest
+    on record for the same run and version differs (its artifacts changed in MLflow)."""
+    recorded = await model_sources.record_digest(conn, model.run_id, model.version,
+                                                 model.artifact_digest)
+    if recorded is not None:
+        raise ModelLoadError(
+            "artifacts_changed",
+            f"the artifacts of run {model.run_id} version {model.version} changed since it was "
+            f"first served ({recorded[:19]}..., now {str(model.artifact_digest)[:19]}...): "
+            "refused; log a new run instead of rewriting one")
+
+
 class ModelHolder:
     """Holds the served model; `refresh` follows the clusters table, with backoff on failure.
 
@@ -213,7 +280,8 @@ class ModelHolder:
 
     def __init__(self, model_name: str, *, on_failure: Any = None,
                  cache: ModelCache | None = None, role: str = "active",
-                 reference: Callable[[], str | None] | None = None) -> None:
+                 reference: Callable[[], str | None] | None = None,
+                 sources: SourcePolicy | None = None) -> None:
         """`role` "active" follows the active clusters row; "candidate" the shadow candidate
         (model_candidates): aligned against `reference()` (the active model's version), and
         neither marked served nor reported as a swap."""
@@ -221,6 +289,7 @@ class ModelHolder:
             raise ValueError(f"role must be 'active' or 'candidate', got {role!r}")
         self.role = role
         self._reference = reference
+        self.sources = sources  # None: the tracking URI's own (model_sources.default_sources)
         self.model_name = model_name
         self.current: LoadedModel | None = None
         self.cache = cache
@@ -282,8 +351,9 @@ class ModelHolder:
                 model = self._from_cache(row)
                 if model is None:
                     model = await asyncio.to_thread(load_and_verify, row, self.model_name,
-                                                    bookkeeping)
+                                                    bookkeeping, self.sources)
                 await _check_features_in_readings(pool, model.feature_names)
+                await check_digest(pool, model)
                 model = await self._aligned(pool, model)
             except ModelLoadError as exc:
                 self._record_failure(row, exc.reason, str(exc))
@@ -301,7 +371,7 @@ class ModelHolder:
                      clusters_row=row.id, n_clusters=model.n_clusters,
                      features=len(model.feature_names), source=model.source,
                      layout="legacy" if model.legacy else "pipeline",
-                     fast_path=model.kernel is not None,
+                     fast_path=model.kernel is not None, unpickled=model.unpickled,
                      previous_version=previous.version if previous else None,
                      load_ms=round((time.perf_counter() - started) * 1000, 1))
             self._announce(model, bookkeeping)
@@ -345,6 +415,7 @@ class ModelHolder:
                 n_clusters=entry.n_clusters, reference=entry.reference,
                 read_query=db.read_range_query(entry.feature_names), kernel=kernel,
                 legacy=entry.legacy, model_features=entry.model_features, source="cache",
+                artifact_digest=entry.artifact_digest,
                 feature_reference=feature_reference(entry.feature_reference,
                                                     entry.feature_names, kernel,
                                                     model_features=entry.model_features))
@@ -364,6 +435,7 @@ class ModelHolder:
             version_label=model.version, feature_names=model.feature_names,
             model_features=model.model_features, n_clusters=model.n_clusters,
             reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays(),
+            artifact_digest=model.artifact_digest,
             feature_reference=(None if model.feature_reference is None
                                else model.feature_reference.to_json())))
 

@@ -27,7 +27,8 @@ from sensor_predictor.model_contract import version_label
 log = structlog.get_logger("sensor_predictor.model_holder")
 
 LoadFailureReason = Literal["mlflow_unreachable", "not_found", "load_failed", "no_feature_names",
-                            "feature_mismatch", "probe_failed"]
+                            "feature_mismatch", "probe_failed", "source_not_allowed",
+                            "bad_model_artifact", "artifacts_changed"]
 LOAD_FAILURE_REASONS: tuple[LoadFailureReason, ...] = typing.get_args(LoadFailureReason)
 """Every reason a model load fails with, in the order the metric's series are created."""
 
@@ -83,6 +84,12 @@ class LoadedModel:
     """The columns the model was fitted on (the 81 episode features of a legacy model)."""
     source: str = "mlflow"
     """Where it was loaded from: "mlflow" or "cache"."""
+    unpickled: bool = False
+    """Read by unpickling (a run without our JSON artifact, the old trainer's layout); False
+    for our JSON artifact and the cache (json and numpy only)."""
+    artifact_digest: str | None = field(default=None, compare=False)
+    """sha256 of the artifacts it was read from (model_sources.digest_files); recorded when
+    first served, compared on every later load."""
     stable_ids: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
     """Label -> stable cluster id (cluster_registry.py), set before the model is first used;
     None: not aligned yet, the labels are written as they are."""

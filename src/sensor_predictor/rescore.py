@@ -9,7 +9,8 @@ import structlog
 
 from sensor_predictor import cluster_registry, db, features
 from sensor_predictor.config import Settings
-from sensor_predictor.model_holder import configure_mlflow, load_and_verify
+from sensor_predictor.model_holder import check_digest, configure_mlflow, load_and_verify
+from sensor_predictor.model_sources import SourcePolicy
 from sensor_predictor.model_types import ActiveRow
 
 log = structlog.get_logger("sensor_predictor.rescore")
@@ -29,7 +30,8 @@ async def rescore(settings: Settings, *, run_id: str, version: int | None, from_
     """Score readings with id in (from_id, to_id] with the model of `run_id`; resumable."""
     configure_mlflow(settings.mlflow_tracking_uri)
     row = ActiveRow(id=0, run_id=run_id, registered_version=version, n_clusters=None)
-    model = await asyncio.to_thread(load_and_verify, row, settings.model_name)
+    sources = SourcePolicy(settings.mlflow_tracking_uri, settings.model_sources_allowed)
+    model = await asyncio.to_thread(load_and_verify, row, settings.model_name, None, sources)
     q = db.queries()
     conn = await db.connect(settings, timeout=30)
     read = predicted = errors = 0
@@ -38,6 +40,7 @@ async def rescore(settings: Settings, *, run_id: str, version: int | None, from_
     try:
         # History speaks the same stable ids as the live stream: the model's mapping, aligned
         # now against the model served last if this is its first use.
+        await check_digest(conn, model)  # the artifacts it was first served from, unchanged
         model = replace(model, stable_ids=await cluster_registry.ensure_aligned(conn, model))
         while True:
             rows = await conn.fetch(q["rescore_read"], cursor, to_id, batch_size)

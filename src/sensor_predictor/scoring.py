@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import asyncpg
 import numpy as np
@@ -13,10 +15,17 @@ from sensor_predictor import db, features
 from sensor_predictor.features import BadReading
 from sensor_predictor.model_types import LoadedModel
 
+# The slow path's caps, applied by PostgreSQL before Python parses anything: a reading's values
+# larger than this (bytes), or nested deeper than 64 levels (queries.sql: read_range_raw), is
+# not parsed but recorded as too_large / unparseable.
+MAX_VALUES_BYTES = 1 << 20
+TOO_LARGE = "too_large"
+UNPARSEABLE = "unparseable"
+
 
 @dataclass(frozen=True)
 class Claim:
-    """Readings handed out to this session (sp_claim), or taken over from a dead one."""
+    """Readings handed out to this worker (sp_claim), or taken over from one that is gone."""
 
     claim_id: int
     reading_ids: list[int]
@@ -27,11 +36,26 @@ class Claim:
     needs_raw: bool = False
     # The claim took a whole batch from its interval: more is likely waiting.
     full: bool = False
+    # The claim's takeovers when it was handed to us: the result statement must quote it.
+    token: int = 0
+    # This session holds the claim's advisory lock (release it once the claim is done).
+    locked: bool = False
 
-    @classmethod
-    def from_record(cls, r: asyncpg.Record) -> Claim:
-        previous = r.get("previous_worker")
-        return cls(r["claim_id"], list(r["reading_ids"]), previous, full=bool(r.get("full")))
+
+@dataclass(frozen=True)
+class Ownership:
+    """How this worker owns its claims: lease_seconds None is a session advisory lock (a session
+    of its own: a direct connection, a session pooler), else a lease it renews."""
+
+    lease_seconds: float | None = None
+    # The claim whose lock this session holds and is done with: released by the next claim call.
+    release: int | None = None
+    # Called with the reason when a claim call re-anchored the cursor (a moved database).
+    on_reanchor: Callable[[str], None] | None = None
+
+    def reanchored(self, reason: str | None) -> None:
+        if reason is not None and self.on_reanchor is not None:
+            self.on_reanchor(reason)
 
 
 @dataclass(frozen=True)
@@ -69,43 +93,82 @@ class Progress:
 PROGRESS = Progress()  # the one instance: `handed is PROGRESS`
 
 
-async def claim_next(conn: asyncpg.Connection, worker: str, batch_size: int
-                     ) -> Claim | Progress | None:
+async def claim_next(conn: asyncpg.Connection, worker: str, batch_size: int,
+                     own: Ownership = Ownership()) -> Claim | Progress | None:
     """The next claim; PROGRESS when the cursor moved but nothing is to be scored; None when
     nothing new is there."""
-    record = await conn.fetchrow(db.queries()["claim"], worker, batch_size)
+    record = await conn.fetchrow(db.queries()["claim"], worker, batch_size, own.lease_seconds,
+                                 own.release)
     if record is None:
         return None
+    own.reanchored(record["reanchored"])
     if record["claim_id"] is None:
         return PROGRESS
-    return Claim.from_record(record)
+    return Claim(record["claim_id"], list(record["reading_ids"]), full=bool(record["full"]),
+                 locked=own.lease_seconds is None)
 
 
 async def claim_and_read(conn: asyncpg.Connection, worker: str, batch_size: int,
-                         model: LoadedModel) -> Claim | Progress | None:
+                         model: LoadedModel, own: Ownership = Ownership()
+                         ) -> Claim | Progress | None:
     """claim_next, with the claim's features read in the same round trip."""
     try:
-        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size, model.read_query)
+        rows = await conn.fetch(db.queries()["claim_read"], worker, batch_size,
+                                _claim_read_query(model.feature_names),
+                                list(model.feature_names), own.lease_seconds, own.release)
     except asyncpg.DataError:
-        # A value PostgreSQL cannot cast: the statement failed, and with it the claim. Claim
-        # the same readings again, and read their JSON.
-        handed = await claim_next(conn, worker, batch_size)
+        # A value PostgreSQL cannot cast: the statement failed, and with it the claim (its
+        # lock was never taken; the released one stays released). Claim the same readings
+        # again, and read their JSON.
+        handed = await claim_next(conn, worker, batch_size, replace(own, release=None))
         return replace(handed, needs_raw=True) if isinstance(handed, Claim) else handed
     if not rows:
         return None
+    own.reanchored(rows[0]["reanchored"])
     if rows[0]["claim_id"] is None:
         return PROGRESS
     return Claim(rows[0]["claim_id"], [r["id"] for r in rows], rows=rows,
-                 full=bool(rows[0]["full"]))
+                 full=bool(rows[0]["full"]), locked=own.lease_seconds is None)
 
 
-async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float
+@cache
+def _claim_read_query(feature_names: tuple[str, ...]) -> str:
+    """The read that comes with a claim: planned at every claim (dynamic SQL) and over the few
+    rows of a caught-up stream, so the names are picked per row (db.read_range_query)."""
+    return db.read_range_query(feature_names, keys_once=False)
+
+
+async def take_orphan(conn: asyncpg.Connection, worker: str, fallback_seconds: float,
+                      candidates: list[int], own: Ownership = Ownership()
                       ) -> tuple[Claim, float] | None:
-    """A claim whose owner's session is gone, now ours; with how old it was (seconds)."""
-    record = await conn.fetchrow(db.queries()["take_orphan"], worker, fallback_seconds)
+    """One of `candidates` (claims the orphan timer found takeable), now ours; with how old it
+    was (seconds)."""
+    record = await conn.fetchrow(db.queries()["take_orphan"], worker, fallback_seconds,
+                                 own.lease_seconds, own.release, candidates)
     if record is None:
         return None
-    return Claim.from_record(record), float(record["age_seconds"])
+    claim = Claim(record["claim_id"], list(record["reading_ids"]), record["previous_worker"],
+                  token=int(record["token"]), locked=bool(record["locked"]))
+    return claim, float(record["age_seconds"])
+
+
+async def find_orphans(conn: asyncpg.Connection | asyncpg.Pool, after_id: int, known: list[int],
+                       fallback_seconds: float) -> tuple[list[tuple[int, bool]], int]:
+    """Claims above after_id and those in known: (id, may be taken over now); and the next
+    look's after_id."""
+    rows = await conn.fetch(db.queries()["find_orphans"], after_id, known, fallback_seconds)
+    mark = int(rows[-1]["mark"]) if rows else after_id
+    return [(int(r["id"]), bool(r["orphan"])) for r in rows if r["id"] is not None], mark
+
+
+async def renew_leases(conn: asyncpg.Connection | asyncpg.Pool, worker: str,
+                       lease_seconds: float, claim_ids: list[int]) -> None:
+    await conn.execute(db.queries()["renew_leases"], worker, lease_seconds, claim_ids)
+
+
+async def release_lock(conn: asyncpg.Connection, claim_id: int) -> None:
+    """Release a finished claim's session lock (when no next claim call did)."""
+    await conn.fetchval(db.queries()["claim_unlock"], claim_id)
 
 
 async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
@@ -116,14 +179,18 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
         if claim.needs_raw:
             raise asyncpg.DataError("a value could not be cast (found by the claim's read)")
         rows = (claim.rows if claim.rows is not None
-                else await conn.fetch(model.read_query, claim.reading_ids))
+                else await conn.fetch(model.read_query, claim.reading_ids,
+                                      list(model.feature_names)))
     except asyncpg.DataError:
         # A value PostgreSQL cannot cast (a word, a boolean, beyond float8): read this range's
         # JSON and check each reading in Python. Rare, and only this batch pays for it.
-        raw_rows = await conn.fetch(db.queries()["read_range_raw"], claim.reading_ids)
+        raw_rows = await conn.fetch(db.queries()["read_range_raw"], claim.reading_ids,
+                                    MAX_VALUES_BYTES)
         ages_by_id = {r["id"]: r["age_seconds"] for r in raw_rows}
-        ids, matrix, bad = features.parse_raw([(r["id"], r["raw"]) for r in raw_rows], names)
-        return ids, matrix, bad, [ages_by_id[i] for i in ids], True
+        flagged = [_flagged(r["id"], r["flag"]) for r in raw_rows if r["flag"] is not None]
+        ids, matrix, bad = features.parse_raw(
+            [(r["id"], r["raw"]) for r in raw_rows if r["flag"] is None], names)
+        return ids, matrix, flagged + bad, [ages_by_id[i] for i in ids], True
     all_ids = [r["id"] for r in rows]
     matrix = features.to_matrix([r["features"] for r in rows], len(names))
     ages = [r["age_seconds"] for r in rows]
@@ -131,10 +198,13 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     if ok.all():
         return all_ids, matrix, [], ages, False
     bad_ids = [i for i, good in zip(all_ids, ok.tolist(), strict=True) if not good]
-    raw = {r["id"]: r["raw"] for r in await conn.fetch(db.queries()["read_raw_values"], bad_ids)}
+    raw_rows = await conn.fetch(db.queries()["read_raw_values"], bad_ids, MAX_VALUES_BYTES)
+    raw = {r["id"]: r["raw"] for r in raw_rows}
+    flags = {r["id"]: r["flag"] for r in raw_rows if r["flag"] is not None}
     bad = []
     for reading_id in bad_ids:
-        problem = features.classify(reading_id, raw.get(reading_id), names)
+        problem = (_flagged(reading_id, flags[reading_id]) if reading_id in flags
+                   else features.classify(reading_id, raw.get(reading_id), names))
         bad.append(problem or BadReading(
             reading_id, features.NOT_A_NUMBER, "a feature value could not be read as a number"))
     good_idx = np.flatnonzero(ok).tolist()
@@ -142,9 +212,18 @@ async def _read(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
             False)
 
 
+def _flagged(reading_id: int, flag: str) -> BadReading:
+    """A reading PostgreSQL flagged before Python parsed it (read_range_raw's caps)."""
+    if flag == TOO_LARGE:
+        return BadReading(reading_id, TOO_LARGE,
+                          f"values is larger than {MAX_VALUES_BYTES} bytes: not parsed")
+    return BadReading(reading_id, UNPARSEABLE, "values is nested deeper than 64 levels: not parsed")
+
+
 async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
                       ) -> BatchResult | None:
-    """Score a claim with `model`; None when another worker scored it meanwhile."""
+    """Score a claim with `model`; None when its results came late: another worker took the
+    claim over (or wrote it) meanwhile, and nothing was written."""
     started = time.perf_counter()
     ids, matrix, bad, ages, slow = await _read(conn, claim, model)
     labels, confidence, distances = model.predict_with_distance(matrix)
@@ -153,7 +232,7 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
                                      else [None] * len(ids))
     args = (claim.claim_id, ids, stable.tolist(), conf_list, model.version, model.run_id,
             model.model_name, [b.reading_id for b in bad], [b.reason for b in bad],
-            [b.detail for b in bad], labels.tolist())
+            [b.detail for b in bad], labels.tolist(), claim.token)
     # The claim row is deleted by the statement that writes the results, so the claim is
     # scored exactly once: a crash before the commit leaves the claim for someone to redo,
     # and a worker that finds it already gone writes nothing.

@@ -163,7 +163,8 @@ class ShadowScorer:
             columns = [names.index(n) for n in candidate.feature_names]
             return list(result.ids), result.matrix[:, columns], active_ids
         # The candidate reads features the active model does not: read them.
-        rows = await pool.fetch(candidate.read_query, list(result.ids))
+        rows = await pool.fetch(candidate.read_query, list(result.ids),
+                                list(candidate.feature_names))
         by_id = {int(i): int(c) for i, c in zip(result.ids, active_ids.tolist(), strict=True)}
         rows = [r for r in rows if r["id"] in by_id]
         matrix = features.to_matrix([r["features"] for r in rows],

@@ -27,6 +27,7 @@ from sensor_predictor.model_contract import (
     FEATURE_NAMES,
     LEGACY_EXPERIMENT,
     MODEL_ARTIFACT,
+    MODEL_JSON_ARTIFACT,
     model_metadata,
     version_label,
 )
@@ -173,6 +174,16 @@ def _fit_and_log(
             metadata=model_metadata(fitted.feature_names, fitted.proportions, clusters,
                                     fitted.feature_reference),
         )
+        # The same model as plain JSON (scaler and KMeans parameters): the worker reads it with
+        # json and numpy and never unpickles the Pipeline (model_sources.py).
+        from sensor_predictor.kmeans_kernel import from_pipeline
+        from sensor_predictor.model_sources import model_document
+
+        kernel = from_pipeline(fitted.pipeline)
+        if kernel is None:
+            raise RuntimeError("the fitted Pipeline is not a float64 StandardScaler + KMeans")
+        mlflow.log_dict(model_document(fitted.feature_names, clusters, fitted.proportions,
+                                       kernel, fitted.feature_reference), MODEL_JSON_ARTIFACT)
         run_id = str(run.info.run_id)
     if info.registered_model_version is None:
         raise RuntimeError(f"MLflow did not register a version of {model_name!r}")

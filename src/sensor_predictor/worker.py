@@ -17,26 +17,33 @@ import threading
 import time
 import uuid
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import structlog
 
-from sensor_predictor import db
+from sensor_predictor import connect_errors, db, widen_ids
 from sensor_predictor.config import Settings
+from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
 from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
-from sensor_predictor.migrate import migrate
+from sensor_predictor.migrate import load_migrations, migrate
 from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_holder import ModelHolder, configure_mlflow
+from sensor_predictor.model_sources import SourcePolicy
 from sensor_predictor.model_types import LoadedModel
 from sensor_predictor.scoring import (
     PROGRESS,
     BatchResult,
     Claim,
+    Ownership,
     claim_and_read,
     claim_next,
+    find_orphans,
+    release_lock,
+    renew_leases,
     score_claim,
     take_orphan,
 )
@@ -49,9 +56,12 @@ BACKLOG_REFRESH_SECONDS = 5.0
 # 30 s after the first model is served, MLflow and scikit-learn are imported in the background
 # (a restart from the model cache needs neither; a later swap to an uncached model does).
 WARM_UP_DELAY_SECONDS = 30.0
-# How often a lane looks for claims whose worker's session has ended (a free advisory lock; one
-# cheap scan of the few claims in flight). A lane also looks when it starts.
+# How often the orphan timer looks for claims whose owner is gone (a free advisory lock, an
+# expired lease), in a quiet stream too: index probes over the claims it has not seen yet and
+# those it saw alive. Every ORPHAN_FULL_LOOK_SECONDS it looks at every claim (a claim committed
+# out of id order is found then).
 ORPHAN_CHECK_SECONDS = 0.25
+ORPHAN_FULL_LOOK_SECONDS = 10.0
 # Behind (the last claim came back full), a lane doubles its claim up to this many times
 # PREDICTION_BATCH_SIZE: a backlog drains in fewer, larger batches (each batch costs ~8 round
 # trips whatever its size); caught up, it is back to PREDICTION_BATCH_SIZE.
@@ -59,6 +69,11 @@ DRAIN_BATCH_FACTOR = 10
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Retry delays (seconds): the first, and the ceiling they double up to.
 CONNECT_BACKOFF = (0.2, 5.0)  # the database is not reachable at the start
+CONFIG_BACKOFF = (0.2, 30.0)  # a configuration error: it heals only when someone fixes it
+# Transaction mode: how long the listen connection gets to hear its own probe notification.
+LISTEN_PROBE_CHANNEL = "sensor_listen_probe"
+LISTEN_PROBE_SECONDS = 3.0
+EXIT_CONFIG = 2
 RETRY_BACKOFF = (0.1, 5.0)  # a pass failed (database gone, a batch failed)
 
 
@@ -69,18 +84,22 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         cache = (None if settings.model_cache_dir == "off"
                  else ModelCache(settings.model_cache_dir, settings.mlflow_tracking_uri))
+        # Models only from where the operator allows (MODEL_SOURCES_ALLOWED).
+        sources = SourcePolicy(settings.mlflow_tracking_uri, settings.model_sources_allowed)
         self.holder = ModelHolder(settings.model_name, on_failure=self._model_failed,
-                                  cache=cache)
+                                  cache=cache, sources=sources)
         # The shadow candidate (model_candidates), aligned against the model served now.
         self.shadow = ShadowScorer(settings, self.metrics)
         self.candidate_holder = ModelHolder(
             settings.model_name, on_failure=self.shadow.load_failed, cache=cache,
-            role="candidate", reference=self._active_version)
+            role="candidate", reference=self._active_version, sources=sources)
         self.drift = DriftMonitor(settings, self.metrics)
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,
                                  on_model=self._notified_model, on_connected=self._listening,
-                                 on_lost=self._listen_lost)
+                                 on_lost=self._listen_lost, on_deaf=self._listener_deaf)
+        # Why the database cannot be used now, while the start-up connection is retried.
+        self.db_problem: Cause | None = None
         self.metrics_server = MetricsServer(self.metrics, self.readiness)
         self._wake = asyncio.Event()
         self._model_event = asyncio.Event()
@@ -93,8 +112,15 @@ class Worker:
             weakref.WeakKeyDictionary())
         self._lost_at = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
-        self._next_orphan_check = 0.0  # time.monotonic(); 0: look at the first chance
+        # Claims the orphan timer found takeable; the lanes take them over.
+        self._orphans: set[int] = set()
+        # Claims this worker is scoring (their leases are renewed in transaction mode).
+        self._in_flight: set[int] = set()
+        self.lease_seconds = (settings.claim_lease_seconds if settings.pool_mode == "transaction"
+                              else None)
         self._warm_up: asyncio.Task[None] | None = None
+        # sensor_id_headroom_ratio last seen, by table (a warning when it crosses a threshold).
+        self._headroom_seen: dict[str, float] = {}
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
         self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
 
@@ -137,6 +163,9 @@ class Worker:
         self.wake("startup" if first else "reconnect")
         self._update_ready()
 
+    def _listener_deaf(self, reason: str) -> None:
+        self.metrics.listener_deaf.inc({})
+
     def _listen_lost(self) -> None:
         self._lost_at = time.monotonic()
         self._update_ready()
@@ -150,14 +179,29 @@ class Worker:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         model = self.holder.current
-        detail = {
+        listening = self.listener.listening or self.settings.poll_only
+        detail: dict[str, Any] = {
             "listening": self.listener.listening,
             "pool": self.pool is not None,
             "model_version": model.version if model else None,
             "stopping": self._stopping.is_set(),
         }
-        ready = (self.listener.listening and self.pool is not None and model is not None
-                 and not self._stopping.is_set())
+        # Which part is missing, in words.
+        missing: dict[str, str] = {}
+        if self.pool is None or self.db_problem is not None:
+            missing["database"] = (self.db_problem.line() if self.db_problem is not None
+                                   else "not connected yet")
+        if not listening:
+            problem = self.listener.problem
+            missing["listener"] = problem.line() if problem is not None else "not listening"
+        if model is None:
+            missing["model"] = "no model served yet"
+        if missing:
+            detail["missing"] = missing
+        if self.settings.poll_only:
+            detail["poll_only"] = True
+        ready = (listening and self.pool is not None and model is not None
+                 and self.db_problem is None and not self._stopping.is_set())
         return ready, detail
 
     def snapshot(self) -> WorkerSnapshot:
@@ -191,42 +235,158 @@ class Worker:
                 return 1
             log.info("metrics_serving", host=self.settings.metrics_host,
                      port=self.metrics_server.port)
-            if not await self._connect():
-                return 0
+            try:
+                if not await self._connect():
+                    return 0
+            except ListenUnavailable as exc:
+                if exc.cause.kind == "migrations_pending":
+                    log.error("cannot_start", cause=exc.cause.kind, error=exc.cause.line())
+                else:
+                    log.error("listen_connection_unusable", cause=exc.cause.kind,
+                              error=exc.cause.line(),
+                              note="POSTGRES_POOL_MODE=transaction: the worker does not run "
+                                   "deaf; set POSTGRES_LISTEN_HOST/POSTGRES_LISTEN_PORT to the "
+                                   "server or a session-mode pool, or POLL_ONLY=true to wake "
+                                   "by polling only")
+                return EXIT_CONFIG
             self._tasks = [
-                asyncio.create_task(self.listener.run(), name="listener"),
                 asyncio.create_task(self._watch_model(), name="model"),
                 asyncio.create_task(self._poll(), name="poll"),
                 asyncio.create_task(self._watch_backlog(), name="backlog"),
                 asyncio.create_task(self.shadow.run(self.pool), name="shadow"),
+                asyncio.create_task(self._watch_orphans(), name="orphans"),
             ]
+            if self.lease_seconds is not None:
+                self._tasks.append(
+                    asyncio.create_task(self._renew_leases(self.lease_seconds), name="leases"))
+            if self.settings.poll_only:
+                log.warning("poll_only", interval_s=self.settings.inference_interval_seconds,
+                            note="POLL_ONLY=true: no LISTEN; new readings wait for the next poll")
+                self._listening(True)
+            else:
+                self._tasks.append(asyncio.create_task(self.listener.run(), name="listener"))
             await self._drain_forever()
         finally:
             await self._shutdown()
         return 0
 
     async def _connect(self) -> bool:
-        """Migrate (unless told not to) and open the pool, retrying while the database is down."""
+        """Migrate (unless told not to) and open the pool, retrying while the database is down.
+
+        An outage (server down or starting, network cut, no primary yet) is retried quietly; a
+        configuration error (a refused login, an unknown database, a TLS failure, a pooler
+        refusing a startup parameter) is named, with the variable to change, once per retry,
+        with a backoff up to CONFIG_BACKOFF[1], and /ready says it. In transaction mode the
+        listen connection must be usable first (ListenUnavailable: the worker does not start).
+        """
+        s = self.settings
+        log.info("database_connection", pool_mode=s.pool_mode,
+                 statement_cache=("off (transaction pooler)" if s.pool_mode == "transaction"
+                                  else "on"),
+                 hosts=[f"{h}:{p}" for h, p in s.endpoints],
+                 listen=("off (POLL_ONLY=true)" if s.poll_only
+                         else [f"{h}:{p}" for h, p in s.listen_endpoints]),
+                 target_session_attrs=s.target_session_attrs,
+                 connect_timeout_s=s.connect_timeout, **db.describe_tls(s))
         backoff = CONNECT_BACKOFF[0]
         while not self._stopping.is_set():
             try:
-                if self.settings.migrate_on_start:
-                    conn = await db.connect(self.settings, timeout=10)
+                if s.pool_mode == "transaction" and not s.poll_only:
+                    await self._transaction_mode_start()
+                elif s.pool_mode == "transaction" and s.migrate_on_start:
+                    await self._check_migrated_through_pooler()
+                elif s.migrate_on_start:
+                    conn = await db.connect(s, timeout=10)
                     try:
                         await migrate(conn)
                     finally:
                         await conn.close()
                 self.pool = await db.create_pool(
-                    self.settings, size=self.settings.prediction_concurrency + 3,
-                    init=self._track_connection)
+                    s, size=s.prediction_concurrency + 3, init=self._track_connection)
+                self.db_problem = None
                 return True
+            except ListenUnavailable:
+                raise
             except db.UNAVAILABLE as exc:
-                log.warning("database_unavailable", error=str(exc) or type(exc).__name__,
-                            retry_in_s=backoff)
+                cause = connect_errors.classify(exc)
+                self.db_problem = cause
+                self._update_ready()
+                if cause.transient:
+                    log.warning("database_unavailable", cause=cause.kind, error=cause.message,
+                                retry_in_s=backoff)
+                else:
+                    log.error("database_misconfigured", cause=cause.kind,
+                              error=cause.message, change=cause.variable, retry_in_s=backoff)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
-                backoff = next_backoff(backoff, CONNECT_BACKOFF)
+                backoff = next_backoff(
+                    backoff, CONNECT_BACKOFF if cause.transient else CONFIG_BACKOFF)
         return False
+
+    async def _check_migrated_through_pooler(self) -> None:
+        """Transaction mode without a listen connection (POLL_ONLY): the migration lock is a
+        session lock, which a transaction pooler cannot keep. Skipped when every migration is
+        applied already (the log says so); otherwise the worker does not start."""
+        conn = await db.connect(self.settings, timeout=10, statement_cache_size=0)
+        try:
+            try:
+                applied = {r["version"] for r in await conn.fetch(
+                    db.queries()["migrations_applied"])}
+            except asyncpg.UndefinedTableError:
+                applied = set()
+        finally:
+            await conn.close()
+        pending = [m.version for m in load_migrations() if m.version not in applied]
+        if pending:
+            raise ListenUnavailable(connect_errors.config(
+                "migrations_pending",
+                f"migrations {pending} are not applied, and a transaction pooler cannot hold "
+                "the migration lock (POLL_ONLY=true: no listen connection to take it over)",
+                "run `sensor-predictor migrate` against the server itself, or set "
+                "POSTGRES_LISTEN_HOST"))
+        log.info("migrations_skipped", reason="transaction mode, poll only: every migration "
+                 "is applied already", version=max(applied, default=0))
+
+    async def _transaction_mode_start(self) -> None:
+        """Behind a transaction pooler: the listen connection (a session of its own) must hear a
+        notification sent through the main connection, or the worker refuses to start; the
+        migrations take their session lock over it (never over the pooler)."""
+        s = self.settings
+        try:
+            listen = await db.connect(s, listen=True, timeout=10,
+                                      application_name="sensor-predictor-listener")
+        except ConnectFailed as exc:
+            if exc.cause.transient:
+                raise
+            raise ListenUnavailable(exc.cause, exc.tried) from exc
+        try:
+            heard = asyncio.Event()
+            await listen.add_listener(LISTEN_PROBE_CHANNEL, lambda *_a: heard.set())
+            sender = await db.connect(s, timeout=10, statement_cache_size=0)
+            try:
+                await sender.fetchval(db.queries()["listen_probe_notify"],
+                                      LISTEN_PROBE_CHANNEL, self.name)
+            finally:
+                await sender.close()
+            try:
+                await asyncio.wait_for(heard.wait(), timeout=LISTEN_PROBE_SECONDS)
+            except TimeoutError:
+                where = ", ".join(f"{h}:{p}" for h, p in s.listen_endpoints)
+                raise ListenUnavailable(connect_errors.config(
+                    "listen_deaf",
+                    f"the listen connection ({where}) did not hear a notification sent through "
+                    f"the main connection in {LISTEN_PROBE_SECONDS:g} s (is it the "
+                    "transaction pooler itself?)",
+                    "POSTGRES_LISTEN_HOST / POSTGRES_LISTEN_PORT")) from None
+            log.info("listen_connection_verified", hosts=s.listen_endpoints,
+                     encrypted=db.is_encrypted(listen))
+            if s.migrate_on_start:
+                log.info("migrations_over_listen_connection",
+                         note="transaction mode: the migration lock is a session lock, taken "
+                              "over the listen connection (a session of its own)")
+                await migrate(listen)
+        finally:
+            await listen.close()
 
     async def _track_connection(self, connection: asyncpg.Connection) -> None:
         self._connections[connection] = time.monotonic()
@@ -331,12 +491,30 @@ class Worker:
                 ages = [max(r["age_seconds"] or 0.0, now - first_seen[r["vxid"]]) for r in rows]
                 self.metrics.open_reading_transactions.set({}, len(rows))
                 self.metrics.open_reading_transaction_age.set({}, max(ages, default=0.0))
+                await self._id_headroom()
             except db.UNAVAILABLE:
                 pass
             # A big backlog (an adopted database) takes a while to count: never more than a
             # tenth of this task's time.
             took = time.monotonic() - started
             await asyncio.sleep(max(BACKLOG_REFRESH_SECONDS, 10 * took))
+
+    async def _id_headroom(self) -> None:
+        """sensor_id_headroom_ratio (a sequence read and one index probe), and a warning when
+        a table's headroom falls below a half, then below a tenth."""
+        assert self.pool is not None
+        for row in await self.pool.fetch(db.queries()["id_headroom"]):
+            table = row["tbl"]
+            ratio = widen_ids.headroom(row["id_max"], row["id_used"])
+            self.metrics.id_headroom.set({"table": table}, ratio)
+            threshold = widen_ids.crossed(self._headroom_seen.get(table), ratio)
+            self._headroom_seen[table] = ratio
+            if threshold is not None:
+                log.warning("id_headroom_low", table=table, headroom_ratio=round(ratio, 4),
+                            below=threshold, highest_id=int(row["id_used"]),
+                            id_max=int(row["id_max"]),
+                            action="run `sensor-predictor widen-ids` (online) before the ids "
+                                   "run out: then every writer fails")
 
     # -- the drain loop ---------------------------------------------------------------------
 
@@ -353,6 +531,22 @@ class Worker:
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
+                if self.db_problem is not None:
+                    self.db_problem = None
+                    self._update_ready()
+                continue
+            cause = (connect_errors.classify(failure)
+                     if isinstance(failure, (*db.UNAVAILABLE, asyncpg.PostgresError)) else None)
+            if cause is not None and not cause.transient:
+                # A new pooled connection refused (a password rotated, a pooler reconfigured):
+                # named, on /ready too, and retried with a longer backoff.
+                self.db_problem = cause
+                self._update_ready()
+                log.error("database_misconfigured", cause=cause.kind, error=cause.message,
+                          change=cause.variable, retry_in_s=backoff)
+                await _wait_any(self._stopping, timeout=backoff)
+                backoff = next_backoff(backoff, CONFIG_BACKOFF)
+                self.wake("retry")
                 continue
             if isinstance(failure, db.UNAVAILABLE):
                 self.metrics.db_reconnects.inc({"connection": "pool"})
@@ -371,63 +565,128 @@ class Worker:
         assert self.pool is not None
         size = self.settings.prediction_batch_size
         scored = 0
-        # One connection for the whole pass: a release per batch costs a reset round trip. The
-        # claim's advisory lock belongs to this session; the next claim releases it.
+        own = Ownership(self.lease_seconds, None, self._reanchored)
+        # One connection for the whole pass: a release per batch costs a reset round trip. In
+        # session mode a claim's advisory lock belongs to this session; the next claim call
+        # releases it (own.release), or the end of the pass does.
         async with self.pool.acquire() as conn:
-            while not self._stopping.is_set():
-                model = self.holder.current
-                if model is None:
-                    return  # no model yet: readings wait, nothing is claimed
-                claim: Claim | None = None
-                # Orphans are looked for once new work is handed out, so that a wake-up's
-                # readings never wait for the look (and during a long pass, when it is due).
-                if scored and self._orphan_check_due():
-                    claim = await self._take_orphan(conn)
-                if claim is None:
-                    # Caught up, the read comes with the claim (one round trip less, for
-                    # latency); behind, it comes after the claim's commit, so that the cursor
-                    # row is not locked while a large batch is read and other lanes can claim.
-                    handed = (await claim_and_read(conn, self.name, size, model)
-                              if size <= self.settings.prediction_batch_size
-                              else await claim_next(conn, self.name, size))
-                    if handed is PROGRESS:  # only already-scored adopted rows: behind
-                        size = next_batch_size(size, size, self.settings.prediction_batch_size)
+            try:
+                while not self._stopping.is_set():
+                    model = self.holder.current
+                    if model is None:
+                        return  # no model yet: readings wait, nothing is claimed
+                    claim: Claim | None = None
+                    # Orphans the timer found are taken once new work is handed out, so that a
+                    # wake-up's readings never wait for them.
+                    if scored and self._orphans:
+                        claim, own = await self._take_orphan(conn, own)
+                    if claim is None:
+                        # Caught up, the read comes with the claim (one round trip less, for
+                        # latency); behind, it comes after the claim's commit, so that the
+                        # cursor row is not locked while a large batch is read and other lanes
+                        # can claim.
+                        handed = (await claim_and_read(conn, self.name, size, model, own)
+                                  if size <= self.settings.prediction_batch_size
+                                  else await claim_next(conn, self.name, size, own))
+                        own = replace(own, release=None)
+                        if handed is PROGRESS:  # only already-scored rows: behind
+                            size = next_batch_size(size, size,
+                                                   self.settings.prediction_batch_size)
+                            continue
+                        if handed is None:
+                            if not self._orphans:
+                                return
+                            claim, own = await self._take_orphan(conn, own)
+                            if claim is None:
+                                return
+                        else:
+                            assert isinstance(handed, Claim)
+                            claim = handed
+                    self._in_flight.add(claim.claim_id)
+                    try:
+                        result = await score_claim(conn, claim, model)
+                    finally:
+                        self._in_flight.discard(claim.claim_id)
+                    if claim.locked:
+                        own = replace(own, release=claim.claim_id)
+                    scored += 1
+                    if result is None:
+                        self._late(claim)
                         continue
-                    if handed is None:
-                        if not self._orphan_check_due():
-                            return
-                        claim = await self._take_orphan(conn)
-                        if claim is None:
-                            return
-                    else:
-                        assert isinstance(handed, Claim)
-                        claim = handed
-                result = await score_claim(conn, claim, model)
-                scored += 1
-                if result is not None:
                     self._record(result)
                     size = next_batch_size(size, size if claim.full else result.size,
                                            self.settings.prediction_batch_size)
+            finally:
+                if own.release is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await release_lock(conn, own.release)
 
-    def _orphan_check_due(self) -> bool:
-        """At most one look for orphaned claims every ORPHAN_CHECK_SECONDS, across lanes."""
-        now = time.monotonic()
-        if now < self._next_orphan_check:
-            return False
-        self._next_orphan_check = now + ORPHAN_CHECK_SECONDS
-        return True
-
-    async def _take_orphan(self, conn: asyncpg.Connection) -> Claim | None:
-        taken = await take_orphan(conn, self.name, self.settings.claim_orphan_seconds)
+    async def _take_orphan(self, conn: asyncpg.Connection, own: Ownership
+                           ) -> tuple[Claim | None, Ownership]:
+        """One of the orphans the timer found, taken over by this lane (None: all gone)."""
+        taken = await take_orphan(conn, self.name, self.settings.claim_orphan_seconds,
+                                  sorted(self._orphans), own)
+        own = replace(own, release=None)
         if taken is None:
-            return None
+            self._orphans.clear()  # taken by others, or written meanwhile
+            return None, own
         claim, age = taken
-        self._next_orphan_check = 0.0  # there may be more
+        self._orphans.discard(claim.claim_id)
         self.metrics.claims_taken_over.inc({})
         log.warning("orphan_claim_recovered", claim=claim.claim_id,
                     readings=len(claim.reading_ids), previous_worker=claim.previous_worker,
                     claim_age_s=round(age, 3))
-        return claim
+        return claim, own
+
+    def _late(self, claim: Claim) -> None:
+        """The claim was taken over (or written) by another while we scored it: our results
+        were not written."""
+        self.metrics.claim_late_results.add({}, len(claim.reading_ids))
+        log.warning("claim_results_discarded", claim=claim.claim_id,
+                    readings=len(claim.reading_ids),
+                    note="the claim was taken over while this worker scored it (its lease "
+                         "expired, or its session looked gone): the new owner writes them")
+
+    def _reanchored(self, reason: str) -> None:
+        self.metrics.cursor_reanchors.inc({})
+        log.error("cursor_reanchored", reason=reason,
+                  note="the database moved (another cluster, or a transaction counter behind "
+                       "the cursor): readings without a result are swept by id, then the "
+                       "snapshot protocol resumes; nothing is skipped, nothing scored twice")
+
+    async def _watch_orphans(self) -> None:
+        """The orphan timer: every ORPHAN_CHECK_SECONDS, claims whose owner is gone are found
+        and a pass is started to take them over, in a quiet stream too."""
+        assert self.pool is not None
+        after, known = 0, list[int]()
+        full_at = 0.0
+        while True:
+            await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+            if self.holder.current is None:
+                continue
+            now = time.monotonic()
+            if now >= full_at:
+                after, known, full_at = 0, [], now + ORPHAN_FULL_LOOK_SECONDS
+            try:
+                found, mark = await find_orphans(self.pool, after, known,
+                                                 self.settings.claim_orphan_seconds)
+            except db.UNAVAILABLE:
+                continue
+            after, known, orphans = next_orphan_look(after, mark, found)
+            if orphans:
+                self._orphans |= orphans
+                self.wake("orphan")
+
+    async def _renew_leases(self, lease_seconds: float) -> None:
+        """Transaction mode: the leases of the claims being scored, renewed three times a lease,
+        however long a batch takes."""
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(lease_seconds / 3)
+            if self._in_flight:
+                with contextlib.suppress(*db.UNAVAILABLE):
+                    await renew_leases(self.pool, self.name, lease_seconds,
+                                       sorted(self._in_flight))
 
     def _record(self, result: BatchResult) -> None:
         model = result.model
@@ -471,6 +730,15 @@ def next_batch_size(current: int, scored: int, base: int) -> int:
     if scored >= current:
         return min(current * 2, base * DRAIN_BATCH_FACTOR)
     return base
+
+
+def next_orphan_look(after: int, mark: int, found: list[tuple[int, bool]]
+                     ) -> tuple[int, list[int], set[int]]:
+    """The orphan timer's state after a look: the next mark (never back), the claims to look at
+    again by id (every one found, alive or takeable: an orphan until it is gone), and the
+    orphans found."""
+    orphans = {i for i, orphan in found if orphan}
+    return max(after, mark), sorted(i for i, _ in found), orphans
 
 
 def next_backoff(delay: float, bounds: tuple[float, float]) -> float:

@@ -9,6 +9,12 @@ and ports (postgres, mlflow, the metrics port) and the host file behind the secr
 healthcheck is the image's own command; only its interval is shortened (2 s, not 15 s) so the
 tier does not wait minutes for a state change.
 
+Least privilege as compose.yaml has it: only `migrate` logs in as the tables' owner; the
+predictor, the trainer and the simulator log in with the login roles that
+deploy/postgres/service_roles.sql creates (run here against the test's cluster as the postgres
+image's init script runs it), each with its own password secret, and the predictor's session is
+checked from inside the database: no superuser, no COPY ... TO PROGRAM.
+
 The tests run in order on one stack (each builds on what the one before left running).
 """
 
@@ -33,7 +39,7 @@ import asyncpg
 import pytest
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer, stop_process
-from sensor_predictor.devtools.postgres import PgServer, free_port, pg_ctl, start_cluster
+from sensor_predictor.devtools.postgres import PgServer, free_port, pg_bin, pg_ctl, start_cluster
 from sensor_predictor.devtools.tally import tally
 from tests.support import ROOT
 from tests.support.deploy_files import find_tool, flag_value, interpolate, load_compose, with_flag
@@ -43,6 +49,10 @@ from tests.support.readings import FEATURES
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 OUR_SERVICES = ("migrate", "trainer", "simulator", "predictor")
+# The login roles deploy/postgres/service_roles.sql creates: service -> (role, its secret).
+SERVICE_LOGINS = {"predictor": ("sensor_predictor", "predictor_password"),
+                  "trainer": ("sensor_trainer", "trainer_password"),
+                  "simulator": ("sensor_simulator", "simulator_password")}
 HEALTH_INTERVAL = "2s"
 STOP_TIMEOUT = 10  # what `docker compose stop` gives a container before its SIGKILL
 
@@ -58,9 +68,11 @@ class Stack:
     database: str
     user: str
     password: str
-    secret_file: Path
+    secret_file_path: Path
     mlflow: MlflowServer
     logs: Path
+    logins: dict[str, tuple[str, str, Path]] = field(default_factory=dict)
+    """service -> (login role, password, the host file behind its secret)"""
     metrics_port: int = field(default_factory=free_port)
     prefix: str = field(default_factory=lambda: f"sp-tier-{uuid.uuid4().hex[:8]}")
     containers: dict[str, Container] = field(default_factory=dict)
@@ -75,11 +87,31 @@ class Stack:
                for k, v in (self.service(name).get("environment") or {}).items()}
         assert env["POSTGRES_HOST"] == "postgres" and env["POSTGRES_PORT"] == "5432", env
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", env
-        assert env["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password", env
-        assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == (self.user, self.database), env
+        user, _, secret = self.login(name)
+        assert env["POSTGRES_PASSWORD_FILE"] == f"/run/secrets/{secret}", env
+        assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == (user, self.database), env
         env.update({"POSTGRES_HOST": self.pg.host, "POSTGRES_PORT": str(self.pg.port),
                     "MLFLOW_TRACKING_URI": self.mlflow.uri, "METRICS_PORT": str(metrics_port)})
+        if "MODEL_SOURCES_ALLOWED" in env:  # the stack's own MLflow is the local one here
+            assert env["MODEL_SOURCES_ALLOWED"] == "http://mlflow:5000", env
+            env["MODEL_SOURCES_ALLOWED"] = self.mlflow.uri
         return env
+
+    def login(self, name: str) -> tuple[str, str, str]:
+        """(role, password, secret name) the service logs in with."""
+        if name in self.logins:
+            user, password, _ = self.logins[name]
+            return user, password, SERVICE_LOGINS[name][1]
+        return self.user, self.password, "postgres_password"
+
+    def secret_file(self, source: str) -> Path:
+        if source == "postgres_password":
+            return self.secret_file_path
+        return next(f for n, (_, _, f) in self.logins.items() if SERVICE_LOGINS[n][1] == source)
+
+    @property
+    def passwords(self) -> list[str]:
+        return [self.password, *(p for _, p, _ in self.logins.values())]
 
     def run(self, name: str, *, key: str | None = None, metrics_port: int | None = None,
             **shell: str) -> Container:
@@ -91,8 +123,7 @@ class Stack:
         for secret in service.get("secrets", []):
             source = secret if isinstance(secret, str) else secret["source"]
             target = source if isinstance(secret, str) else secret.get("target", source)
-            assert source == "postgres_password", f"{name}: unexpected secret {source}"
-            mounts[self.secret_file] = f"/run/secrets/{target}"
+            mounts[self.secret_file(source)] = f"/run/secrets/{target}"
         container = run_container(
             self.docker, f"{self.prefix}-{key or name}", self.image.id, command,
             env=self.environment(name, shell, metrics_port or self.metrics_port),
@@ -178,6 +209,16 @@ def password_cluster(user: str, password: str, database: str) -> PgServer:
     return server
 
 
+def create_service_roles(pg: PgServer, database: str, passwords: dict[str, str]) -> None:
+    """deploy/postgres/service_roles.sql, run by psql as the postgres image's init script runs
+    it (a superuser, the passwords as psql variables), before any migration."""
+    sql = ROOT / "deploy" / "postgres" / "service_roles.sql"
+    variables = [arg for name, value in passwords.items() for arg in ("-v", f"{name}={value}")]
+    subprocess.run([pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", *variables,
+                    "-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d", database,
+                    "-f", str(sql)], check=True, capture_output=True, text=True, timeout=60)
+
+
 def compose_mlflow(root: Path, log: Path) -> tuple[MlflowServer, subprocess.Popen[bytes]]:
     """The compose mlflow service's command, its paths, host and port made local."""
     command = [str(c) for c in load_compose()["services"]["mlflow"]["command"]]
@@ -217,17 +258,29 @@ def compose_mlflow(root: Path, log: Path) -> tuple[MlflowServer, subprocess.Pope
 @pytest.fixture(scope="module")
 def stack(docker: Docker, image: Image, tier_logs: Path) -> Iterator[Stack]:
     compose_env = {k: interpolate(str(v), {}) for k, v in
-                   load_compose()["services"]["predictor"]["environment"].items()}
+                   load_compose()["services"]["migrate"]["environment"].items()}
     user, database = compose_env["POSTGRES_USER"], compose_env["POSTGRES_DB"]
     password = f"pw-{secrets.token_hex(16)}"
     secret_file = tier_logs / "postgres_password.txt"
     secret_file.write_text(password + "\n", encoding="utf-8")
     secret_file.chmod(0o444)  # compose mounts file secrets as they are: uid 10001 reads it
     pg = password_cluster(user, password, database)
+    logins = {}
+    for service, (role, secret) in SERVICE_LOGINS.items():
+        login_password = f"{secret}-{secrets.token_hex(8)}-p@ss"
+        path = tier_logs / f"{secret}.txt"
+        path.write_text(login_password + "\n", encoding="utf-8")
+        path.chmod(0o444)
+        logins[service] = (role, login_password, path)
+    create_service_roles(pg, database, {secret: p.read_text().rstrip("\n")
+                                        for (_, secret), (_, _, p) in
+                                        zip(SERVICE_LOGINS.values(), logins.values(),
+                                            strict=True)})
     mlflow_root = tier_logs / "mlflow"
     mlflow_root.mkdir()
     mlflow, mlflow_proc = compose_mlflow(mlflow_root, tier_logs / "mlflow.log")
-    s = Stack(docker, image, pg, database, user, password, secret_file, mlflow, tier_logs)
+    s = Stack(docker, image, pg, database, user, password, secret_file, mlflow, tier_logs,
+              logins)
     try:
         yield s
     finally:
@@ -294,6 +347,67 @@ def test_simulated_readings_are_scored(stack: Stack) -> None:
                detail=lambda: simulator.logs()[-2000:] + stack.containers["predictor"]
                .logs()[-2000:])
     assert simulator.running()
+
+
+def test_the_predictor_session_is_no_superuser_and_cannot_run_programs(stack: Stack) -> None:
+    """Seen from inside the database: the predictor's own sessions, their role's attributes, and
+    COPY ... TO PROGRAM tried in such a session's role (SET ROLE: what code running in the
+    worker could do with its connection)."""
+    role = SERVICE_LOGINS["predictor"][0]
+
+    async def check() -> dict[str, Any]:
+        conn = await stack.pg.connect(stack.database)
+        try:
+            sessions = await conn.fetch(
+                "SELECT a.usename, a.application_name, r.rolsuper, r.rolcreaterole,"
+                "       r.rolcreatedb, r.rolbypassrls,"
+                "       pg_has_role(a.usesysid, 'pg_execute_server_program', 'USAGE') AS program,"
+                "       pg_has_role(a.usesysid, 'pg_write_server_files', 'USAGE') AS files,"
+                "       pg_has_role(a.usesysid, 'sensor_predictor_worker', 'USAGE') AS worker"
+                "  FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid"
+                " WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()")
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL ROLE {role}")
+                try:
+                    await conn.execute("COPY (SELECT 1) TO PROGRAM 'id'")
+                    copy = "allowed"
+                except asyncpg.InsufficientPrivilegeError as exc:
+                    copy = str(exc)
+        finally:
+            await conn.close()
+        # And with the role's own login, as the worker's connection is.
+        _, password, _ = stack.login("predictor")
+        own = await asyncpg.connect(host=stack.pg.host, port=stack.pg.port, user=role,
+                                    password=password, database=stack.database)
+        try:
+            superuser = await own.fetchval("SELECT current_setting('is_superuser')")
+            try:
+                await own.execute("COPY (SELECT 1) TO PROGRAM 'id'")
+                own_copy = "allowed"
+            except asyncpg.InsufficientPrivilegeError as exc:
+                own_copy = str(exc)
+        finally:
+            await own.close()
+        return {"sessions": [dict(r) for r in sessions], "copy": copy,
+                "own_superuser": superuser, "own_copy": own_copy}
+
+    seen = asyncio.run(check())
+    predictor_sessions = [s for s in seen["sessions"] if s["usename"] == role]
+    assert predictor_sessions, seen["sessions"]
+    # Every other session in the database is a service's own role (none is the owner's).
+    assert {s["usename"] for s in seen["sessions"]} <= {role, *(
+        r for r, _ in SERVICE_LOGINS.values())}, seen["sessions"]
+    for session in predictor_sessions:
+        assert session["worker"], session
+        assert not any(session[k] for k in ("rolsuper", "rolcreaterole", "rolcreatedb",
+                                            "rolbypassrls", "program", "files")), session
+    # InsufficientPrivilegeError both times ("must be superuser or have privileges of the
+    # pg_execute_server_program role to COPY to or from an external program").
+    assert "pg_execute_server_program" in seen["copy"], seen["copy"]
+    assert seen["own_superuser"] == "off"
+    assert "pg_execute_server_program" in seen["own_copy"], seen["own_copy"]
+    REPORT["predictor role"] = (f"{len(predictor_sessions)} sessions as {role}: not superuser, "
+                                "COPY ... TO PROGRAM refused")
 
 
 def _scored(stack: Stack) -> tuple[int, int]:
@@ -371,30 +485,36 @@ def test_docker_kill_then_restart_loses_and_doubles_nothing(stack: Stack) -> Non
     simulator.start()
 
 
-def test_the_password_comes_from_the_secret_and_is_never_logged(stack: Stack) -> None:
-    async def login(password: str | None) -> str:
+def test_each_password_comes_from_its_secret_and_is_never_logged(stack: Stack) -> None:
+    async def login(user: str, password: str | None) -> str:
         try:
             conn = await asyncpg.connect(host=stack.pg.host, port=stack.pg.port,
-                                         user=stack.user, password=password,
+                                         user=user, password=password,
                                          database=stack.database)
         except (asyncpg.PostgresError, OSError) as exc:
             return type(exc).__name__
         await conn.close()
         return "ok"
 
-    # The cluster makes the role give its password: the services logged in with the file's.
-    assert asyncio.run(login(None)) != "ok"
-    assert asyncio.run(login("not-the-password")) == "InvalidPasswordError"
-    assert asyncio.run(login(stack.password)) == "ok"
     for name in OUR_SERVICES:
+        user, password, secret = stack.login(name)
+        # The cluster makes the role give its password: the service logged in with the file's.
+        assert asyncio.run(login(user, None)) != "ok"
+        assert asyncio.run(login(user, "not-the-password")) == "InvalidPasswordError"
+        assert asyncio.run(login(user, password)) == "ok"
         container = stack.containers[name]
         logs = container.logs()
         assert logs.strip(), f"{name} logged nothing"
-        assert stack.password not in logs, f"{name} logs the password"
+        for any_password in stack.passwords:
+            assert any_password not in logs, f"{name} logs a password"
         config = stack.docker.inspect(container.name)["Config"]
-        assert "POSTGRES_PASSWORD_FILE=/run/secrets/postgres_password" in config["Env"]
+        assert f"POSTGRES_PASSWORD_FILE=/run/secrets/{secret}" in config["Env"]
         assert not [e for e in config["Env"] if e.startswith("POSTGRES_PASSWORD=")]
-        assert stack.password not in json.dumps(config), f"{name}'s config holds the password"
+        for any_password in stack.passwords:
+            assert any_password not in json.dumps(config), f"{name}'s config holds a password"
+        # Only migrate gets the owner's password.
+        mounts = {m["Destination"] for m in stack.docker.inspect(container.name)["Mounts"]}
+        assert ("/run/secrets/postgres_password" in mounts) == (name == "migrate"), mounts
 
 
 def test_cold_start_to_ready(stack: Stack) -> None:

@@ -169,17 +169,65 @@ def test_prometheus_scrapes_the_predictor(compose: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- credentials
 
 
-def test_password_reaches_our_services_as_a_secret_file(compose: dict[str, Any]) -> None:
+# service -> (login role, its password secret); only migrate logs in as the tables' owner.
+LOGINS = {
+    "migrate": ("${POSTGRES_USER:-sensor_user}", "postgres_password"),
+    "predictor": ("sensor_predictor", "predictor_password"),
+    "trainer": ("sensor_trainer", "trainer_password"),
+    "simulator": ("sensor_simulator", "simulator_password"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOGINS))
+def test_each_service_logs_in_with_its_own_role_and_secret(
+        compose: dict[str, Any], name: str) -> None:
+    user, secret = LOGINS[name]
     declared = compose.get("secrets", {})
-    assert "postgres_password" in declared
-    secret_file = REPO / declared["postgres_password"]["file"]
+    assert secret in declared
+    secret_file = REPO / declared[secret]["file"]
     assert secret_file.is_file(), f"{secret_file} is missing"
-    for name in [*OUR_SERVICES, "postgres"]:
-        service = compose["services"][name]
-        env = environment(service)
-        assert "postgres_password" in secret_names(service), f"{name} lacks the secret"
-        assert env.get("POSTGRES_PASSWORD_FILE") == "/run/secrets/postgres_password", name
-        assert "POSTGRES_PASSWORD" not in env, f"{name} sets POSTGRES_PASSWORD in clear"
+    service = compose["services"][name]
+    env = environment(service)
+    assert env.get("POSTGRES_USER") == user, name
+    assert secret_names(service) == {secret}, f"{name} gets {secret_names(service)}"
+    assert env.get("POSTGRES_PASSWORD_FILE") == f"/run/secrets/{secret}", name
+    assert "POSTGRES_PASSWORD" not in env, f"{name} sets POSTGRES_PASSWORD in clear"
+
+
+def test_the_login_roles_are_created_with_their_secrets(compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert secret_names(postgres) == {secret for _, secret in LOGINS.values()}
+    assert environment(postgres)["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in postgres["volumes"]}
+    init = REPO / mounts["/docker-entrypoint-initdb.d"] / "10-service-roles.sh"
+    script = init.read_text()
+    roles_sql = REPO / mounts["/etc/sensor-predictor/service_roles.sql"]
+    sql = roles_sql.read_text()
+    for name, (user, secret) in LOGINS.items():
+        if name == "migrate":
+            continue
+        assert f"/run/secrets/{secret}" in script, secret
+        assert f"PASSWORD :'{secret}'" in sql and f"ALTER ROLE {user} WITH LOGIN" in sql, user
+
+
+def test_the_predictor_runs_least_privileged(compose: dict[str, Any]) -> None:
+    predictor = compose["services"]["predictor"]
+    assert "--no-migrate" in predictor["command"]
+    grant = (REPO / "migrations" / "0002_worker_privileges.sql").read_text()
+    assert "sensor_predictor_worker" in grant
+    assert "GRANT sensor_predictor_worker TO sensor_predictor;" in (
+        REPO / "deploy" / "postgres" / "service_roles.sql").read_text()
+    # Models only from the stack's own MLflow, unless the operator says otherwise.
+    assert environment(predictor)["MODEL_SOURCES_ALLOWED"] == (
+        "${MODEL_SOURCES_ALLOWED:-http://mlflow:5000}")
+
+
+def test_mlflow_is_not_published(compose: dict[str, Any]) -> None:
+    """No authentication and it serves artifacts: reachable on the compose network only. A
+    commented line shows how to publish it on the loopback for the UI."""
+    assert "ports" not in compose["services"]["mlflow"]
+    text = COMPOSE_FILE.read_text()
+    assert '#   - "127.0.0.1:5000:5000"' in text
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SERVICES))

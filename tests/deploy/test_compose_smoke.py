@@ -236,6 +236,9 @@ def test_compose_services_run_as_plain_processes(
             "MLFLOW_TRACKING_URI": compose_mlflow.uri,
             "METRICS_PORT": str(metrics_port),
         })
+        if "MODEL_SOURCES_ALLOWED" in env:  # the stack's own MLflow is the local one here
+            assert env["MODEL_SOURCES_ALLOWED"] == "http://mlflow:5000", f"{name}: {env}"
+            env["MODEL_SOURCES_ALLOWED"] = compose_mlflow.uri
         full_env = {**_base_env(tmp_path / "home"), **image_env, **env}
         return Service(name, [cli, *command[1:]], full_env, tmp_path / f"{name}.log")
 

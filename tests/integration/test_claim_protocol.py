@@ -11,6 +11,7 @@ import uuid
 import asyncpg
 import pytest
 
+from sensor_predictor import db
 from sensor_predictor.devtools.postgres import PgServer, drop_database
 from tests.support.databases import Database
 from tests.support.readings import insert_readings, reading
@@ -147,7 +148,8 @@ async def test_a_claim_is_taken_over_once_its_session_ends_and_never_while_it_li
 
     taken = await wait_for(take, timeout=2)
     assert taken is not None and taken["claim_id"] == claim["claim_id"]
-    assert taken["previous_worker"] == "owner" and taken["reading_ids"] == ids
+    # The last owner: the fallback made the claim the taker's (its lock stayed with the owner).
+    assert taken["previous_worker"] == "taker" and taken["reading_ids"] == ids
     # Now it is the taker's, and a third worker cannot take it from a live taker.
     third = await database.connect()
     try:
@@ -189,3 +191,75 @@ async def test_adopted_rows_scored_by_the_old_predictor_are_skipped_and_the_clai
     await conn.execute("DELETE FROM scoring_claims")
     handed = first["reading_ids"] + await _claim_all(conn, batch=10)
     assert sorted(handed) == sorted(set(ids) - set(scored))
+
+
+async def _advisory_locks(conn: asyncpg.Connection, pid: int) -> set[tuple[int, int]]:
+    """(class, key) of a two-key lock; (-1, key) of a one-key (bigint) lock."""
+    rows = await conn.fetch(
+        "SELECT CASE WHEN objsubid = 2 THEN classid::bigint ELSE -1 END AS c,"
+        " CASE WHEN objsubid = 2 THEN objid::bigint"
+        " ELSE (classid::bigint << 32) | objid::bigint END AS k"
+        " FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND granted", pid)
+    return {(r["c"], r["k"]) for r in rows}
+
+
+async def test_a_claim_releases_only_the_lock_it_is_told_to(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """No claim function releases a lock its caller did not name: a session's other advisory
+    locks (the migration's, an application's) stay held. (0003 released them all.)"""
+    q = db.queries()
+    worker = await database.connect()
+    try:
+        pid = await worker.fetchval("SELECT pg_backend_pid()")
+        await worker.execute("SELECT pg_advisory_lock(7461029318)")  # someone else's lock
+        await insert_readings(conn, [reading(i) for i in range(4)])
+        first = await worker.fetchrow(q["claim"], "w", 2, None, None)
+        second = await worker.fetchrow(q["claim"], "w", 2, None, None)
+        key = await worker.fetchval("SELECT sp_claim_lock_key($1)", first["claim_id"])
+        assert (21328, key) in await _advisory_locks(conn, pid)
+        # The first claim is finished: the next call releases its lock, and only that one.
+        await worker.fetchrow(q["claim"], "w", 2, None, first["claim_id"])
+        await worker.fetchrow(q["take_orphan"], "w", 60.0, None, None, [])
+        held = await _advisory_locks(conn, pid)
+        assert (21328, key) not in held
+        second_key = await worker.fetchval("SELECT sp_claim_lock_key($1)", second["claim_id"])
+        assert (21328, second_key) in held
+        assert held == {(-1, 7461029318), (21328, second_key)}  # the application's lock stays
+        # A lease owner takes no session lock at all.
+        await insert_readings(conn, [reading(9)])
+        leased = await worker.fetchrow(q["claim"], "w", 2, 5.0, None)
+        assert leased["claim_id"] is not None and await _advisory_locks(conn, pid) == held
+    finally:
+        await worker.close()
+
+
+async def test_a_renewed_lease_is_kept_however_long_the_batch_and_taken_once_it_lapses(
+        database: Database, conn: asyncpg.Connection) -> None:
+    q = db.queries()
+    ids = await insert_readings(conn, [reading(i) for i in range(3)])
+    owner = await database.connect()
+    try:
+        claim = await owner.fetchrow(q["claim"], "owner", 10, 0.3, None)
+        assert sorted(claim["reading_ids"]) == ids
+        # A batch three leases long, renewed every lease/3: never taken over.
+        for _ in range(9):
+            await asyncio.sleep(0.1)
+            await owner.execute(q["renew_leases"], "owner", 0.3, [claim["claim_id"]])
+            assert await conn.fetchrow(q["take_orphan"], "taker", 60.0, 0.3, None, None) is None
+        # The owner stops renewing (frozen): taken over once the lease has run out.
+        assert await owner.fetchval(q["write_claim"], claim["claim_id"], [], [], [], "1", "r",
+                                    "m", [], [], [], [], 1) == 0  # a wrong token writes nothing
+        await asyncio.sleep(0.35)
+        taken = await conn.fetchrow(q["take_orphan"], "taker", 60.0, 0.3, None, None)
+        assert taken["claim_id"] == claim["claim_id"] and taken["token"] == 1
+        assert taken["previous_worker"] == "owner" and not taken["locked"]
+        # The late owner's results: nothing written, and its renewal moves nothing.
+        await owner.execute(q["renew_leases"], "owner", 0.3, [claim["claim_id"]])
+        n = len(ids)
+        assert await owner.fetchval(q["write_claim"], claim["claim_id"], ids, [0] * n,
+                                    [1.0] * n, "1", "r", "m", [], [], [], [0] * n, 0) == 0
+        assert await conn.fetchval(q["write_claim"], claim["claim_id"], ids, [0] * n,
+                                   [1.0] * n, "1", "r", "m", [], [], [], [0] * n, 1) == 1
+        assert await conn.fetchval("SELECT count(*) FROM predictions") == n
+    finally:
+        await owner.close()

@@ -141,10 +141,12 @@ async def test_train_from_simulated_readings_in_the_database(
 
     model = await asyncio.to_thread(
         load_and_verify, ActiveRow(1, result.run_id, result.version, None), MODEL_NAME)
-    # The scaler's column means are the sensors' means by name: no column got permuted.
-    scaler = model.pipeline.named_steps["scaler"]
+    # Served from the run's JSON artifact (no pickle), and it is the Pipeline's own numbers:
+    # the scaler's column means are the sensors' means by name, no column got permuted.
+    assert not model.unpickled and model.pipeline is None
+    assert model.kernel is not None
     expected = np.array([means[f"s{i}"] for i in range(20)])
-    np.testing.assert_allclose(scaler.mean_, expected, atol=1e-6)
+    np.testing.assert_allclose(model.kernel.mean, expected, atol=1e-6)
 
 
 async def test_train_falls_back_below_min_readings(

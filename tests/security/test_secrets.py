@@ -112,7 +112,7 @@ async def test_no_password_in_any_output_of_run_migrate_and_train(
          ("database_unavailable", *run_ends), False),
         ("run: wrong password", ["run", "--no-migrate"],
          {**as_role, "POSTGRES_PASSWORD_FILE": str(wrong_file), "LOG_FORMAT": "json"},
-         ("database_unavailable", *run_ends), False),
+         ("database_misconfigured", *run_ends), False),
         ("run: MLflow unreachable, debug logs", ["run", "--no-migrate"],
          {**as_role, "MLFLOW_TRACKING_URI": dead_mlflow, "LOG_LEVEL": "debug",
           "LOG_FORMAT": "json"}, ("model_load_failed", *run_ends), True),

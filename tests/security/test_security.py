@@ -44,12 +44,16 @@ EXPECTED_RELATION_GRANTS = {
     "shadow_predictions": {"INSERT"},
     "shadow_evaluations": {"INSERT"},
     "shadow_evaluations_id_seq": {"USAGE"},
+    # the digest of a model's artifacts, recorded when it is first served (0011)
+    "model_artifact_digests": {"SELECT", "INSERT"},
 }
 EXPECTED_COLUMN_GRANTS = {
     ("versions", "is_processed", "UPDATE"),
     # a claim taken over from a worker whose session ended gets its new owner
     ("scoring_claims", "worker", "UPDATE"), ("scoring_claims", "pid", "UPDATE"),
     ("scoring_claims", "claimed_at", "UPDATE"), ("scoring_claims", "takeovers", "UPDATE"),
+    # a lease: moved by a takeover, renewed by its owner (migration 0008)
+    ("scoring_claims", "lease_until", "UPDATE"),
     # rescore's INSERT ... ON CONFLICT (reading_id, model_version) DO NOTHING reads them
     ("predictions", "reading_id", "SELECT"), ("predictions", "model_version", "SELECT"),
     ("reading_errors", "reading_id", "SELECT"), ("reading_errors", "model_version", "SELECT"),

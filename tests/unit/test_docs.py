@@ -254,7 +254,8 @@ ENV_NAME = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
 
 def variables_read() -> set[str]:
     """Every environment variable config.py reads: _VARIABLES, and the names it looks up
-    itself (the password and its file): environ.get("X"), environ["X"], "X" in environ."""
+    itself (the password and its file, secret files): environ.get("X"), environ["X"],
+    "X" in environ, _read_secret_file(env, "X")."""
     names = set(config._VARIABLES)
     tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
@@ -262,6 +263,9 @@ def variables_read() -> set[str]:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                 and node.func.attr in ("get", "getenv") and node.args:
             key = node.args[0]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id == "_read_secret_file" and len(node.args) == 2:
+            key = node.args[1]  # a secret's file: _read_secret_file(env, "X_FILE")
         elif isinstance(node, ast.Subscript):
             key = node.slice
         elif isinstance(node, ast.Compare) and any(isinstance(op, ast.In | ast.NotIn)

@@ -134,6 +134,59 @@ def test_every_disagreement_is_named() -> None:
     assert "says 4 clusters, the model has 3" in found["n_clusters"]
 
 
+# -- the folder is checked, not trusted -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o770, 0o707, 0o777])
+def test_a_folder_others_may_write_is_refused_and_serving_goes_on_without_it(
+        tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "cache"
+    cache = ModelCache(folder, URI)
+    assert cache.store(_entry())  # created 0700: trusted
+    assert (folder.stat().st_mode & 0o777) == 0o700
+    assert cache.load("run1", 4) is not None
+    folder.chmod(mode)  # someone loosened it: anyone in the group could now forge an entry
+    with capture_logs() as logs:
+        assert cache.load("run1", 4) is None
+        assert not cache.store(_entry("run2"))
+        assert cache.load("run1", 4) is None
+    refused = [e for e in logs if e["event"] == "model_cache_refused"]
+    assert len(refused) == 1 and refused[0]["reason"] == "folder_writable_by_others", logs
+    assert not cache.path("run2", 4).exists()
+    folder.chmod(0o700)
+    assert cache.load("run1", 4) is not None  # fixed: trusted again, the entry still good
+
+
+def test_a_folder_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        folder = tmp_path / "theirs"
+        ModelCache(folder, URI).store(_entry())
+        os.chown(folder, 4242, 4242)
+    else:
+        folder = Path("/")  # root's, mode 0755: not ours
+    cache = ModelCache(folder, URI)
+    with capture_logs() as logs:
+        assert cache.load("run1", 4) is None
+    assert [(e["event"], e["reason"]) for e in logs] == [
+        ("model_cache_refused", "folder_owned_by_another_user")]
+
+
+def test_an_entry_another_user_may_write_is_discarded(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path, URI)
+    cache.store(_entry())
+    cache.path("run1", 4).chmod(0o666)
+    with capture_logs() as logs:
+        assert cache.load("run1", 4) is None
+    assert "entry_writable_by_others" in logs[0]["error"], logs
+    assert not cache.path("run1", 4).exists()
+    # A symlink in place of an entry is not followed.
+    cache.store(_entry())
+    target = tmp_path / "elsewhere.json"
+    cache.path("run1", 4).rename(target)
+    cache.path("run1", 4).symlink_to(target)
+    assert cache.load("run1", 4) is None
+
+
 def test_the_feature_reference_travels_with_the_cached_model(tmp_path: Path) -> None:
     """The per-feature drift reference a trained model logged survives the cache; a model
     without one (or an entry from before) gets its scaler's moments and no distances."""

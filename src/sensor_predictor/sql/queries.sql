@@ -1,22 +1,48 @@
 -- Named queries: each starts with a "-- name: <name>" line. Loaded by db.py.
 
 -- name: claim
--- The next readings to score (see sp_claim in migrations/0003_snapshot_claims.sql).
-SELECT claim_id, reading_ids, "full" FROM sp_claim($1, $2);
+-- The next readings to score (sp_claim in migrations/0008_claim_leases.sql): $3 the lease in
+-- seconds (NULL: owned by this session's advisory lock), $4 the claim whose lock this session
+-- has finished with (released there; NULL: none).
+SELECT claim_id, reading_ids, "full", reanchored FROM sp_claim($1, $2, $3, $4);
 
 -- name: claim_read
--- claim and the read of its features in one round trip; $3 is the model's read_range query.
-SELECT claim_id, "full", id, features, age_seconds FROM sp_claim_read($1, $2, $3);
+-- claim and the read of its features in one round trip; $3 is the model's read_range query,
+-- $4 its feature names (a parameter: never part of SQL text).
+SELECT claim_id, "full", id, features, age_seconds, reanchored
+  FROM sp_claim_read($1, $2, $3, $4::text[], $5, $6);
 
 -- name: take_orphan
--- A claim whose worker's session has ended, taken over by this session (sp_take_orphan).
-SELECT claim_id, reading_ids, previous_worker, age_seconds FROM sp_take_orphan($1, $2);
+-- A claim whose owner is gone (its session lock free, its lease expired), taken over, among
+-- the candidates $5 the orphan timer found (sp_take_orphan).
+SELECT claim_id, reading_ids, previous_worker, age_seconds, token, locked
+  FROM sp_take_orphan($1, $2, $3, $4, $5::bigint[]);
+
+-- name: find_orphans
+-- The orphan timer's look (sp_orphans): claims above $1 and those in $2, and whether each may
+-- be taken over now; the row with id NULL carries the next look's $1 (mark).
+SELECT id, orphan, mark FROM sp_orphans($1, $2::bigint[], $3);
+
+-- name: renew_leases
+-- The owner's lease renewal, by claim id (index probes), only while it still owns them.
+UPDATE scoring_claims SET lease_until = clock_timestamp() + make_interval(secs => $2)
+ WHERE id = ANY($3::bigint[]) AND worker = $1 AND lease_until IS NOT NULL;
+
+-- name: claim_unlock
+-- A finished claim's session lock, when no next claim on this session released it.
+SELECT pg_advisory_unlock(21328, sp_claim_lock_key($1));
+
+-- name: reset_cursor
+-- `sensor-predictor reset-cursor`: re-anchor now (sp_reanchor); the readings up to the id
+-- returned are swept.
+SELECT sp_reanchor('reset-cursor');
 
 -- name: write_claim
 -- The claim and its results in one statement (autocommit, so one transaction and one round
--- trip): whoever deletes the claim row scored it; a worker that finds it gone writes nothing.
+-- trip): whoever deletes the claim row scored it; a worker that finds it gone, or taken over
+-- since it was handed out ($12, the claim's takeovers then), writes nothing.
 -- cluster_id ($3) is the stable id (cluster_registry.py), model_label ($11) the model's own.
-WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 RETURNING id),
+WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 AND takeovers = $12 RETURNING id),
      written AS (
          INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
                                   mlflow_run_id, model_name, model_label)
@@ -36,7 +62,7 @@ SELECT count(*) FROM taken;  -- a data-modifying WITH runs to completion, refere
 -- name: write_claim_tolerant
 -- write_claim for a batch that met a result already there (someone else wrote predictions for
 -- these readings with this model version): those are kept, the rest is written.
-WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 RETURNING id),
+WITH taken AS (DELETE FROM scoring_claims WHERE id = $1 AND takeovers = $12 RETURNING id),
      written AS (
          INSERT INTO predictions (reading_id, cluster_id, confidence_score, model_version,
                                   mlflow_run_id, model_name, model_label)
@@ -72,30 +98,50 @@ SELECT l.virtualtransaction AS vxid,
    AND l.mode = 'RowExclusiveLock' AND l.granted;
 
 -- name: read_range
--- {features} is filled with one feature_expression per model feature, in the model's order.
+-- {features} is filled with one feature_expression per model feature, in the model's order,
+-- {keys} with one feature_key per feature (up to 1,600; a row has at most 1,664 columns):
+-- $2 is the feature names (text[]), picked out of the array once per statement, not per row.
+-- No name is ever part of the SQL text.
 -- age_seconds is measured with the database's clock, so client clock skew cannot bend latency.
 SELECT r.id,
        ARRAY[{features}]::float8[] AS features,
        extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
-  FROM readings r
+  FROM (SELECT {keys} OFFSET 0) k, readings r
  WHERE r.id = ANY($1::bigint[])
  ORDER BY r.id;
 
 -- name: feature_expression
+-- {key}: k.k<i> (a feature_key), or ($2::text[])[<i>] beyond 1,600 features.
 (r."values" ->> {key})::float8
+
+-- name: feature_key
+($2::text[])[{i}] AS k{i}
 
 -- name: read_range_raw
 -- The slow path, for a range whose features PostgreSQL could not cast (a non-numeric string,
--- a number beyond float8): every reading's JSON, parsed and checked in Python.
+-- a number beyond float8): every reading's JSON, parsed and checked in Python; a value larger
+-- than $2 bytes, or nested deeper than 64 levels, comes back flagged instead (too_large,
+-- unparseable), never as text.
 SELECT r.id,
-       r."values"::text AS raw,
+       CASE WHEN f.flag IS NULL THEN r."values"::text END AS raw, f.flag,
        extract(epoch FROM clock_timestamp() - r.inserted_at)::float8 AS age_seconds
-  FROM readings r
+  FROM readings r,
+       LATERAL (SELECT CASE WHEN pg_column_size(r."values") > $2
+                              OR octet_length(r."values"::text) > $2 THEN 'too_large'
+                            WHEN jsonb_path_exists(r."values", 'strict $.**{65}')
+                            THEN 'unparseable' END AS flag) f
  WHERE r.id = ANY($1::bigint[])
  ORDER BY r.id;
 
 -- name: read_raw_values
-SELECT id, "values"::text AS raw FROM readings WHERE id = ANY($1::bigint[]);
+-- read_range_raw's JSON for some readings, with the same flags.
+SELECT r.id, CASE WHEN f.flag IS NULL THEN r."values"::text END AS raw, f.flag
+  FROM readings r,
+       LATERAL (SELECT CASE WHEN pg_column_size(r."values") > $2
+                              OR octet_length(r."values"::text) > $2 THEN 'too_large'
+                            WHEN jsonb_path_exists(r."values", 'strict $.**{65}')
+                            THEN 'unparseable' END AS flag) f
+ WHERE r.id = ANY($1::bigint[]);
 
 -- name: active_model
 SELECT id, mlflow_run_id, mlflow_model_version, n_clusters
@@ -291,8 +337,14 @@ SELECT model_version, drift_score, peak_score, detection_time, ended_at
 -- The listener (listener.py) and the migration runner (migrate.py).
 
 -- name: heartbeat
--- The listen connection's keep-alive: a half-open connection never answers it.
-SELECT 1;
+-- The listen connection's keep-alive, and its proof that it listens: a half-open connection
+-- never answers; a session that lost its LISTEN (a transaction pooler handing each statement to
+-- another server session, a server restarted behind a pooler) shows no channels, or another pid.
+SELECT pg_backend_pid() AS pid, ARRAY(SELECT pg_listening_channels()) AS channels;
+
+-- name: listen_probe_notify
+-- A notification to the worker's own probe channel: the listen connection must hear it.
+SELECT pg_notify($1, $2);
 
 -- name: migration_lock_try
 -- A session lock: two replicas starting together apply each file once.
@@ -434,3 +486,72 @@ RETURNING id;
 -- name: add_version_notice
 -- The new-model notice the old trainer wrote (kept for the old system's tools).
 INSERT INTO versions (version, run_id) VALUES ($1, $2);
+
+-- name: record_model_digest
+-- The digest of a model's artifacts, recorded the first time it is served; the digest on
+-- record comes back either way ($1 run id, $2 model_version label, $3 digest). NULL only when
+-- a concurrent first record is not visible yet (the caller asks again).
+WITH recorded AS (
+    INSERT INTO model_artifact_digests (mlflow_run_id, model_version, digest)
+    VALUES ($1, $2, $3)
+    ON CONFLICT (mlflow_run_id, model_version) DO NOTHING
+    RETURNING digest
+)
+SELECT digest FROM recorded
+UNION ALL
+SELECT digest FROM model_artifact_digests WHERE mlflow_run_id = $1 AND model_version = $2
+LIMIT 1;
+-- name: widen_targets
+-- `widen-ids` (widen_ids.py, helpers in sql/widen_ids.sql): the integer columns still to widen.
+SELECT tbl, col, wide, wide_exists FROM sp_widen_targets()
+
+-- name: widen_prepare
+SELECT sp_widen_prepare($1)
+
+-- name: widen_bounds
+SELECT lo, hi FROM sp_widen_bounds($1)
+
+-- name: widen_backfill
+SELECT upto, copied FROM sp_widen_backfill($1, $2, $3)
+
+-- name: widen_online_steps
+-- The CHECKs to validate and the index copies to build CONCURRENTLY, in order.
+SELECT step FROM sp_widen_online_steps() step
+
+-- name: widen_swap
+SELECT sp_widen_swap()
+
+-- name: widen_fk_steps
+SELECT step FROM sp_widen_fk_steps() step
+
+-- name: widen_lock_timeout
+-- The swap's and the prepare's bound on waiting for a lock (writers queue behind the waiter).
+SELECT set_config('lock_timeout', $1, true)
+
+-- name: widen_analyze
+ANALYZE readings, predictions
+
+-- name: widen_drop_helpers
+DROP FUNCTION IF EXISTS sp_widen_targets(), sp_widen_prepare(text), sp_widen_bounds(text),
+     sp_widen_backfill(text, bigint, integer), sp_widen_online_steps(), sp_widen_swap(),
+     sp_widen_fk_steps()
+
+-- name: id_headroom
+-- sensor_id_headroom_ratio: per table, the id type's maximum (the column's type, or the
+-- sequence's maximum when lower) and the highest id used: the sequence's last value (the worker
+-- role has USAGE on predictions_id_seq), and for readings max(id) too (one index probe; the
+-- worker may read readings but not their sequence).
+SELECT t.tbl,
+       least(CASE a.atttypid WHEN 'integer'::regtype THEN 2147483647
+                             WHEN 'smallint'::regtype THEN 32767
+                             ELSE 9223372036854775807 END,
+             coalesce(s.max_value, 9223372036854775807))::float8 AS id_max,
+       greatest(coalesce(s.last_value, 0), coalesce(t.top, 0), 0)::float8 AS id_used
+  FROM (SELECT 'readings' AS tbl, (SELECT max(id) FROM readings)::bigint AS top
+        UNION ALL
+        SELECT 'predictions', NULL) t
+  JOIN pg_attribute a ON a.attrelid = to_regclass(t.tbl) AND a.attname = 'id'
+                     AND NOT a.attisdropped
+  LEFT JOIN pg_sequences s
+         ON (s.schemaname || '.' || s.sequencename)::regclass
+            = pg_get_serial_sequence(t.tbl, 'id')::regclass
