@@ -78,6 +78,12 @@ class Settings:
     # Ours, beyond the old service's.
     metrics_host: str = "0.0.0.0"
     drift_exit_threshold: float | None = None  # None: 0.75 x drift_threshold
+    # Per-feature drift opens an event when a feature's window mean moves more than this many
+    # training standard deviations (and significantly: docs/drift.md); 0 turns it off.
+    feature_drift_threshold: float = 0.5
+    # The outlier rule opens an event when more than this share of the window lies beyond the
+    # training 99th percentile distance (and significantly); 1 turns it off.
+    outlier_share_threshold: float = 0.05
     prediction_concurrency: int = 2
     heartbeat_seconds: float = 3.0
     # A claim is taken over at once when its worker's session ends; this is the fallback for a
@@ -241,6 +247,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError("must be a number >= 0")
+    return value
+
+
 def _unit_interval(raw: str) -> float:
     value = float(raw)
     if not 0.0 <= value <= 1.0:
@@ -321,6 +334,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METRICS_PORT": ("metrics_port", _port),
     "METRICS_HOST": ("metrics_host", _non_empty),
     "DRIFT_EXIT_THRESHOLD": ("drift_exit_threshold", _unit_interval),
+    "FEATURE_DRIFT_THRESHOLD": ("feature_drift_threshold", _non_negative_float),
+    "OUTLIER_SHARE_THRESHOLD": ("outlier_share_threshold", _unit_interval),
     "PREDICTION_CONCURRENCY": ("prediction_concurrency", _positive_int),
     "HEARTBEAT_SECONDS": ("heartbeat_seconds", _positive_float),
     "CLAIM_ORPHAN_SECONDS": ("claim_orphan_seconds", _positive_float),

@@ -91,21 +91,29 @@ class KMeansKernel:
     def predict(self, matrix: Matrix) -> tuple[npt.NDArray[np.int64], Matrix | None]:
         """Cluster ids, and per row 1 - nearest / second-nearest centre distance (None with a
         single cluster)."""
+        labels, confidence, _ = self.predict_with_distance(matrix)
+        return labels, confidence
+
+    def predict_with_distance(self, matrix: Matrix
+                              ) -> tuple[npt.NDArray[np.int64], Matrix | None, Matrix]:
+        """predict(), and per row the distance to the nearest centre in scaled space (what the
+        outlier share compares with the training distances): free, from the same products."""
         if matrix.shape[0] == 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+            empty = np.empty(0, dtype=np.float64)
+            return np.empty(0, dtype=np.int64), empty, empty
         if matrix.ndim != 2 or matrix.shape[1] != self.n_inputs:
             raise ValueError(f"expected {self.n_inputs} columns, got shape {matrix.shape}")
         z = (self.model_input(np.asarray(matrix, dtype=np.float64)) - self.mean) / self.scale
         # scikit-learn's own argmin quantity (see _k_means_lloyd.pyx): ||c||^2 - 2 x.c
         partial = self._centers_sq - 2.0 * (z @ self._centers_t)
         labels = np.argmin(partial, axis=1).astype(np.int64)
-        if self.n_clusters < 2:
-            return labels, None
         squared = np.maximum(partial + np.einsum("ij,ij->i", z, z)[:, None], 0.0)
+        if self.n_clusters < 2:
+            return labels, None, np.sqrt(squared[:, 0])
         two = np.sqrt(np.partition(squared, 1, axis=1)[:, :2])
         with np.errstate(divide="ignore", invalid="ignore"):
             confidence = np.where(two[:, 1] > 0, 1.0 - two[:, 0] / two[:, 1], 1.0)
-        return labels, confidence
+        return labels, confidence, two[:, 0]
 
     def to_arrays(self) -> dict[str, Any]:
         """Plain lists and numbers (JSON): what the local model cache stores."""

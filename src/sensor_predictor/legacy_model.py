@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sensor_predictor import db, model_sources
+from sensor_predictor.feature_drift import reference_from_kernel
 from sensor_predictor.kmeans_kernel import from_parts
 from sensor_predictor.model_contract import (
     LEGACY_MODEL_ARTIFACT,
@@ -167,4 +168,9 @@ def build_legacy_model(row: ActiveRow, model_name: str, scaler: Any, kmeans: Any
         row=row, model_name=model_name, feature_names=sensors, n_clusters=kernel.n_clusters,
         reference=None,  # episode proportions say nothing of a stream of readings
         read_query=db.read_range_query(sensors), pipeline=None, kernel=kernel, legacy=True,
-        model_features=order)
+        model_features=order,
+        # Per-feature drift over the sensors' `_mean` columns of the fitted scaler. No outlier
+        # share: a reading mapped to an episode (std and duration 0) lies elsewhere than the
+        # episodes the distances were fitted on.
+        feature_reference=reference_from_kernel(sensors, kernel.mean, kernel.scale,
+                                                kernel.columns, order))

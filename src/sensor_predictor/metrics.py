@@ -92,6 +92,24 @@ class Metrics:
             "sensor_drift_threshold", "The configured drift threshold.", registry=r)
         self.drift_events = Counter(
             "sensor_drift_events_total", "Drift excursions opened by this worker.", registry=r)
+        self.feature_drift_score = Gauge(
+            "sensor_feature_drift_score",
+            "Per feature: |window mean - training mean| / training standard deviation (docs/"
+            "drift.md); absent for a model without a feature reference, NaN until the window "
+            "is full.", registry=r)
+        self.feature_drift_p_value = Gauge(
+            "sensor_feature_drift_p_value",
+            "Per feature: two-sided p-value of the window mean under the training mean and "
+            "deviation (z-test); NaN until the window is full.", registry=r)
+        self.outlier_share = Gauge(
+            "sensor_outlier_share",
+            "Share of the window farther from its nearest centre than the training data's 99th "
+            "percentile; NaN until the window is full or when the model carries no distances.",
+            registry=r)
+        self.outlier_p_value = Gauge(
+            "sensor_outlier_p_value",
+            "Binomial upper-tail p-value of the window's outlier count under the training 1 %; "
+            "NaN like sensor_outlier_share.", registry=r)
         self.latency = BulkHistogram(
             "sensor_prediction_latency_seconds",
             "Per reading: from its insert to the commit of its prediction.",
@@ -206,6 +224,8 @@ class Metrics:
         self.drift_score.set({}, math.nan)
         self.drift_p_value.set({}, math.nan)
         self.drift_window_fill.set({}, 0)
+        self.outlier_share.set({}, math.nan)
+        self.outlier_p_value.set({}, math.nan)
         self.backlog.set({}, 0)
         self.open_reading_transactions.set({}, 0)
         self.open_reading_transaction_age.set({}, 0)
@@ -255,6 +275,19 @@ class Metrics:
     def count_bad(self, reasons: Iterable[str]) -> None:
         for reason in reasons:
             self.bad_readings.inc({"reason": reason})
+
+    def reset_features(self, names: Any) -> None:
+        """The per-feature series of a newly served model's features (NaN until its window is
+        full); the previous model's series go."""
+        for gauge in (self.feature_drift_score, self.feature_drift_p_value):
+            gauge.values.clear()
+            for name in names:
+                gauge.set({"feature": name}, math.nan)
+
+    def set_features(self, names: Any, scores: Any, p_values: Any) -> None:
+        for name, score, p in zip(names, scores, p_values, strict=True):
+            self.feature_drift_score.set({"feature": name}, float(score))
+            self.feature_drift_p_value.set({"feature": name}, float(p))
 
     def set_model(self, model: Any) -> None:
         """Show the served model (a LoadedModel), or none."""

@@ -54,6 +54,9 @@ class CacheEntry:
     kernel: dict[str, Any]
     artifact_digest: str | None = None
     """The digest of the MLflow artifacts it was built from (model_sources.py)."""
+    feature_reference: dict[str, Any] | None = None
+    """The per-feature drift reference (feature_drift.FeatureReference.to_json()); None in
+    entries written before it existed."""
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -122,7 +125,9 @@ class ModelCache:
                 reference=None if reference is None else tuple(float(p) for p in reference),
                 legacy=bool(body["legacy"]), kernel=dict(body["kernel"]),
                 artifact_digest=None if body.get("artifact_digest") is None
-                else str(body["artifact_digest"]))
+                else str(body["artifact_digest"]),
+                feature_reference=(None if body.get("feature_reference") is None
+                                   else dict(body["feature_reference"])))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.discard(run_id, registered_version, f"{type(exc).__name__}: {exc}")
             return None

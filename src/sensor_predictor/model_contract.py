@@ -32,6 +32,9 @@ MODEL_ARTIFACT = "model"
 FEATURES_KEY = "feature_names"
 PROPORTIONS_KEY = "training_cluster_proportions"
 N_CLUSTERS_KEY = "n_clusters"
+# Per feature, the training mean and deviation, and the training nearest-centre distance
+# percentiles (feature_drift.FeatureReference.to_json()): the per-feature drift reference.
+FEATURE_REFERENCE_KEY = "feature_reference"
 
 # Beside the Pipeline, `train` logs the scaler's and the KMeans' parameters as plain JSON in the
 # run (model_sources.py reads it with json and numpy: no pickle, no scikit-learn).
@@ -51,10 +54,15 @@ def version_label(run_id: str, registered_version: int | None) -> str:
 
 
 def model_metadata(feature_names: Sequence[str], proportions: Sequence[float],
-                   n_clusters: int) -> dict[str, Any]:
+                   n_clusters: int, feature_reference: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """The metadata `train` logs with the Pipeline and the holder reads back."""
-    return {FEATURES_KEY: list(feature_names), PROPORTIONS_KEY: [float(p) for p in proportions],
-            N_CLUSTERS_KEY: int(n_clusters)}
+    metadata: dict[str, Any] = {
+        FEATURES_KEY: list(feature_names), PROPORTIONS_KEY: [float(p) for p in proportions],
+        N_CLUSTERS_KEY: int(n_clusters)}
+    if feature_reference is not None:
+        metadata[FEATURE_REFERENCE_KEY] = dict(feature_reference)
+    return metadata
 
 
 # -- the old trainer's layout ---------------------------------------------------------------------

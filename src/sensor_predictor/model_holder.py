@@ -33,9 +33,11 @@ import structlog
 
 from sensor_predictor import cluster_registry, db, legacy_model, model_sources
 from sensor_predictor.faults import in_daemon_thread
+from sensor_predictor.feature_drift import FeatureReference, reference_from_kernel
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_cache import CacheEntry, ModelCache
 from sensor_predictor.model_contract import (
+    FEATURE_REFERENCE_KEY,
     FEATURES_KEY,
     MODEL_ARTIFACT,
     MODEL_JSON_ARTIFACT,
@@ -109,14 +111,43 @@ def load_and_verify(row: ActiveRow, model_name: str,
         reference = None  # unusable; the drift tracker falls back to the first full window
     from sensor_predictor.kmeans_kernel import from_pipeline
 
+    kernel = from_pipeline(pipeline)
     model = LoadedModel(
         row=row, model_name=model_name, feature_names=tuple(names),
         n_clusters=int(n_clusters),
         reference=tuple(float(p) for p in reference) if reference else None,
         read_query=db.read_range_query(names), pipeline=pipeline,
-        kernel=from_pipeline(pipeline), model_features=tuple(names), artifact_digest=digest,
-        unpickled=True)
+        kernel=kernel, model_features=tuple(names), artifact_digest=digest, unpickled=True,
+        feature_reference=feature_reference(metadata.get(FEATURE_REFERENCE_KEY), tuple(names),
+                                            kernel, pipeline))
     return _verified(model, uri)
+
+
+def feature_reference(logged: Any, names: tuple[str, ...], kernel: KMeansKernel | None,
+                      pipeline: Any = None, model_features: tuple[str, ...] = ()
+                      ) -> FeatureReference | None:
+    """The per-feature drift reference: the one `train` logged when it is usable, else the
+    fitted scaler's moments (no outlier share then); None when neither is at hand."""
+    if isinstance(logged, Mapping):
+        try:
+            ref = FeatureReference.from_json(logged)
+            if ref.names == names:
+                return ref
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("feature_reference_unusable", error=str(exc)[:300],
+                        note="using the scaler's moments")
+    if kernel is None and pipeline is not None:
+        from sensor_predictor.kmeans_kernel import from_parts
+
+        steps = getattr(pipeline, "steps", None)
+        kernel = from_parts(steps[0][1], steps[1][1]) if steps and len(steps) == 2 else None
+    if kernel is None or kernel.n_inputs != len(names):
+        return None
+    try:
+        return reference_from_kernel(names, kernel.mean, kernel.scale, kernel.columns,
+                                     model_features)
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager
@@ -152,7 +183,9 @@ def _load_json(mlflow: Any, row: ActiveRow, model_name: str,
         row=row, model_name=model_name, feature_names=parsed.feature_names,
         n_clusters=parsed.n_clusters, reference=parsed.reference,
         read_query=db.read_range_query(parsed.feature_names), kernel=parsed.kernel,
-        model_features=parsed.feature_names, artifact_digest=digest)
+        model_features=parsed.feature_names, artifact_digest=digest,
+        feature_reference=feature_reference(parsed.feature_reference, parsed.feature_names,
+                                            parsed.kernel))
 
 
 def _legacy_or_raise(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
@@ -386,7 +419,10 @@ class ModelHolder:
                 n_clusters=entry.n_clusters, reference=entry.reference,
                 read_query=db.read_range_query(entry.feature_names), kernel=kernel,
                 legacy=entry.legacy, model_features=entry.model_features, source="cache",
-                artifact_digest=entry.artifact_digest)
+                artifact_digest=entry.artifact_digest,
+                feature_reference=feature_reference(entry.feature_reference,
+                                                    entry.feature_names, kernel,
+                                                    model_features=entry.model_features))
             model = _verified(model, f"cached {row.run_id}")
         except (ValueError, TypeError, KeyError, ModelLoadError) as exc:
             self.cache.discard(row.run_id, row.registered_version, str(exc))
@@ -403,7 +439,9 @@ class ModelHolder:
             version_label=model.version, feature_names=model.feature_names,
             model_features=model.model_features, n_clusters=model.n_clusters,
             reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays(),
-            artifact_digest=model.artifact_digest))
+            artifact_digest=model.artifact_digest,
+            feature_reference=(None if model.feature_reference is None
+                               else model.feature_reference.to_json())))
 
     def _announce(self, model: LoadedModel, bookkeeping: Bookkeeping) -> None:
         mismatches = bookkeeping_mismatches(model, bookkeeping)

@@ -139,13 +139,18 @@ async def record_digest(conn: asyncpg.Connection | asyncpg.Pool, run_id: str,
 
 
 def model_document(feature_names: Sequence[str], n_clusters: int,
-                   proportions: Sequence[float] | None, kernel: KMeansKernel) -> dict[str, Any]:
-    """What `train` logs as MODEL_JSON_ARTIFACT."""
-    return {"format": MODEL_JSON_FORMAT, "kind": "StandardScaler+KMeans",
-            "feature_names": list(feature_names), "n_clusters": int(n_clusters),
-            "training_cluster_proportions":
-                None if proportions is None else [float(p) for p in proportions],
-            "kernel": kernel.to_arrays()}
+                   proportions: Sequence[float] | None, kernel: KMeansKernel,
+                   feature_reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `train` logs as MODEL_JSON_ARTIFACT (feature_reference: the per-feature drift
+    reference, feature_drift.FeatureReference.to_json())."""
+    document = {"format": MODEL_JSON_FORMAT, "kind": "StandardScaler+KMeans",
+                "feature_names": list(feature_names), "n_clusters": int(n_clusters),
+                "training_cluster_proportions":
+                    None if proportions is None else [float(p) for p in proportions],
+                "kernel": kernel.to_arrays()}
+    if feature_reference is not None:
+        document["feature_reference"] = feature_reference
+    return document
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,8 @@ class JsonModel:
     n_clusters: int
     reference: tuple[float, ...] | None
     kernel: KMeansKernel
+    feature_reference: dict[str, Any] | None = None
+    """The per-feature drift reference as logged (checked where it is used)."""
 
 
 def parse_model_document(raw: bytes) -> JsonModel:
@@ -187,8 +194,10 @@ def parse_model_document(raw: bytes) -> JsonModel:
                                   or len(reference) != kernel.n_clusters
                                   or not all(isinstance(p, (int, float)) for p in reference)):
         reference = None  # unusable; the drift tracker falls back to the first full window
+    feature_ref = data.get("feature_reference")
     return JsonModel(tuple(names), kernel.n_clusters,
-                     None if reference is None else tuple(float(p) for p in reference), kernel)
+                     None if reference is None else tuple(float(p) for p in reference), kernel,
+                     feature_ref if isinstance(feature_ref, dict) else None)
 
 
 # -- where a run's artifacts are ------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from sensor_predictor.feature_drift import FeatureReference
 from sensor_predictor.kmeans_kernel import KMeansKernel
 from sensor_predictor.model_contract import version_label
 
@@ -92,6 +93,9 @@ class LoadedModel:
     stable_ids: npt.NDArray[np.int64] | None = field(default=None, repr=False, compare=False)
     """Label -> stable cluster id (cluster_registry.py), set before the model is first used;
     None: not aligned yet, the labels are written as they are."""
+    feature_reference: FeatureReference | None = field(default=None, repr=False, compare=False)
+    """Per feature, the training mean and deviation, and the training nearest-centre distance
+    percentiles (feature_drift.py); None: no per-feature drift for this model."""
 
     @property
     def version(self) -> str:
@@ -111,10 +115,20 @@ class LoadedModel:
         self, matrix: npt.NDArray[np.float64]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64] | None]:
         """Cluster ids and a confidence per row (1 - nearest / second-nearest centre distance)."""
+        labels, confidence, _ = self.predict_with_distance(matrix)
+        return labels, confidence
+
+    def predict_with_distance(
+        self, matrix: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64] | None,
+               npt.NDArray[np.float64] | None]:
+        """predict(), and the distance of each row to its nearest centre in the model's scaled
+        space (None when the model cannot say)."""
         if matrix.shape[0] == 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+            empty = np.empty(0, dtype=np.float64)
+            return np.empty(0, dtype=np.int64), empty, empty
         if self.kernel is not None:
-            return self.kernel.predict(matrix)
+            return self.kernel.predict_with_distance(matrix)
         if hasattr(self.pipeline, "transform") and self.n_clusters >= 2:
             # One pass gives both: the distances to every centre, and their argmin.
             distances = np.asarray(self.pipeline.transform(matrix), dtype=np.float64)
@@ -122,8 +136,8 @@ class LoadedModel:
             two = np.partition(distances, 1, axis=1)[:, :2]
             with np.errstate(divide="ignore", invalid="ignore"):
                 confidence = np.where(two[:, 1] > 0, 1.0 - two[:, 0] / two[:, 1], 1.0)
-            return labels, confidence
-        return np.asarray(self.pipeline.predict(matrix), dtype=np.int64), None
+            return labels, confidence, two[:, 0]
+        return np.asarray(self.pipeline.predict(matrix), dtype=np.int64), None, None
 
 
 def mlflow_module() -> Any:

@@ -72,6 +72,8 @@ class BatchResult:
     """The reading ids predicted, in the order of labels."""
     matrix: features.Matrix | None = None
     """Their features (what a shadow candidate reading the same features scores)."""
+    distances: npt.NDArray[np.float64] | None = None
+    """Each prediction's distance to its nearest centre (the outlier share's input)."""
 
     @property
     def cluster_ids(self) -> npt.NDArray[np.int64]:
@@ -268,14 +270,14 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     if isolated:
         ids, matrix, bad, ages, slow = await _read_isolated(conn, claim, model)
         try:
-            labels, confidence = model.predict(matrix)
+            labels, confidence, distances = model.predict_with_distance(matrix)
         except Exception:
             ids, matrix, ages, unscorable = _predict_each(model, ids, matrix, ages)
             bad = bad + unscorable
-            labels, confidence = model.predict(matrix)
+            labels, confidence, distances = model.predict_with_distance(matrix)
     else:
         ids, matrix, bad, ages, slow = await _read(conn, claim, model)
-        labels, confidence = model.predict(matrix)
+        labels, confidence, distances = model.predict_with_distance(matrix)
     stable = model.stable(labels)
     conf_list: list[float | None] = (confidence.tolist() if confidence is not None
                                      else [None] * len(ids))
@@ -301,4 +303,4 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     latencies = np.asarray(ages, dtype=np.float64) + (committed - started)
     return BatchResult(model=model, labels=labels, bad=bad, latencies=latencies,
                        duration=committed - started, slow_path=slow, conflicts=conflicts,
-                       stable=stable, ids=ids, matrix=matrix)
+                       stable=stable, ids=ids, matrix=matrix, distances=distances)

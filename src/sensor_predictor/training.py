@@ -22,6 +22,7 @@ import structlog
 
 from sensor_predictor import db, features
 from sensor_predictor.config import Settings
+from sensor_predictor.feature_drift import reference_from_training
 from sensor_predictor.model_contract import (
     FEATURE_NAMES,
     LEGACY_EXPERIMENT,
@@ -81,6 +82,9 @@ class FittedModel:
     profiles: Profiles
     feature_names: tuple[str, ...]
     """The matrix's columns, in order: what the metadata must name."""
+    feature_reference: dict[str, Any] | None = None
+    """Per feature, the training mean and deviation, and the nearest-centre distance
+    percentiles (feature_drift.FeatureReference.to_json): the per-feature drift reference."""
 
 
 async def load_training_matrix(
@@ -131,7 +135,10 @@ def fit_pipeline(matrix: Matrix, clusters: int, seed: int,
         pipeline.named_steps["kmeans"].cluster_centers_)
     profiles = {str(i): {name: float(v) for name, v in zip(names, centre, strict=True)}
                 for i, centre in enumerate(centres.tolist())}
-    return FittedModel(pipeline, proportions, silhouette, profiles, names)
+    # The nearest-centre distance of every training row: the outlier share's reference.
+    distances = pipeline.named_steps["kmeans"].transform(scaled).min(axis=1)
+    feature_reference = reference_from_training(names, matrix, distances).to_json()
+    return FittedModel(pipeline, proportions, silhouette, profiles, names, feature_reference)
 
 
 def _fit_and_log(
@@ -164,7 +171,8 @@ def _fit_and_log(
             # Explicit: inferring them picks up whatever the interpreter has loaded (pytest...).
             pip_requirements=[f"scikit-learn=={sklearn.__version__}",
                               f"numpy=={np.__version__}"],
-            metadata=model_metadata(fitted.feature_names, fitted.proportions, clusters),
+            metadata=model_metadata(fitted.feature_names, fitted.proportions, clusters,
+                                    fitted.feature_reference),
         )
         # The same model as plain JSON (scaler and KMeans parameters): the worker reads it with
         # json and numpy and never unpickles the Pipeline (model_sources.py).
@@ -175,7 +183,7 @@ def _fit_and_log(
         if kernel is None:
             raise RuntimeError("the fitted Pipeline is not a float64 StandardScaler + KMeans")
         mlflow.log_dict(model_document(fitted.feature_names, clusters, fitted.proportions,
-                                       kernel), MODEL_JSON_ARTIFACT)
+                                       kernel, fitted.feature_reference), MODEL_JSON_ARTIFACT)
         run_id = str(run.info.run_id)
     if info.registered_model_version is None:
         raise RuntimeError(f"MLflow did not register a version of {model_name!r}")

@@ -894,7 +894,7 @@ class Worker:
             for bad in result.bad:
                 log.warning("bad_reading", reading_id=bad.reading_id, reason=bad.reason,
                             detail=bad.detail)
-        self.drift.observe(model, result.labels)
+        self.drift.observe(model, result.labels, result.matrix, result.distances)
         self.shadow.submit(result)
         log.debug("batch_scored", rows=result.size, bad=len(result.bad),
                   model_version=model.version, ms=round(result.duration * 1000, 2),

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import asyncpg
+import numpy as np
 import pytest
 
 from sensor_predictor.devtools.tally import tally
@@ -63,7 +64,11 @@ async def test_a_shift_opens_exactly_one_drift_event_within_one_window_and_it_cl
         assert shifted_readings <= WINDOW, "no drift event within one window of the shift"
         await asyncio.sleep(0.05)  # drift rows are written just after the batch commits
     assert worker.metric("sensor_drift_detected") == 1
-    assert worker.metric("sensor_drift_score") > 0.1  # type: ignore[operator]
+    # The shift moves the sensors' means before it moves enough cluster shares: the feature
+    # rule may open the excursion first (docs/drift.md).
+    (opened,) = await _drift_rows(conn)
+    assert opened["kind"] in ("cluster", "feature")
+    assert json.loads(opened["top_features"])[0]["feature"].startswith("Sensor ")
 
     await _feed(conn, shifted, 200)  # staying high: still one row, its peak kept up to date
     await _feed(conn, normal, 300)  # back to normal: the window empties of shifted readings
@@ -74,12 +79,53 @@ async def test_a_shift_opens_exactly_one_drift_event_within_one_window_and_it_cl
     row = rows[0]
     assert row["model_version"] == str(version)
     assert row["ended_at"] is not None and row["ended_at"] > row["detection_time"]
-    assert row["peak_score"] >= row["drift_score"] > 0.1
+    assert row["peak_score"] > 0.1 and row["peak_score"] >= row["drift_score"]
     reference = json.loads(row["reference_distribution"])
     current = json.loads(row["current_distribution"])
     assert set(reference) == set(current) == {"0", "1", "2", "3"}
     assert sum(reference.values()) == pytest.approx(1) and sum(current.values()) == pytest.approx(1)
     assert worker.metric("sensor_drift_events_total") == 1
+
+
+@pytest.mark.slow
+async def test_one_sensor_shifted_opens_an_event_that_names_it(
+        conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
+    """A shift of one sensor moves no reading to another cluster, so the cluster shares hold;
+    the feature rule opens the event, and the row and the gauges name that sensor first."""
+    await activate_model(conn, *models.v1)
+    worker = worker_factory(DRIFT_DETECTION_WINDOW=str(WINDOW)).start()
+    await worker.until_ready()
+    normal = Simulator(machines=10, seed=21)
+    await _feed(conn, normal, 200, step=20)
+    assert await _drift_rows(conn) == []
+    assert worker.metric("sensor_feature_drift_score", 'feature="Sensor 11"') < 0.5  # type: ignore[operator]
+    assert worker.metric("sensor_outlier_share") <= 0.05  # type: ignore[operator]
+
+    sample = [r.values["Sensor 11"] for r in Simulator(machines=10, seed=22).next_batch(5000)]
+    shift = 3 * float(np.std(sample))  # 3 sigma: the stream's autocorrelation widens the test
+    shifted_readings = 0
+    while not await _drift_rows(conn):
+        batch = [dict(r.values) for r in normal.next_batch(10)]
+        for values in batch:
+            values["Sensor 11"] += shift
+        await insert_readings(conn, batch)
+        assert await wait_for(lambda: _scored(conn), timeout=10, interval=0.01)
+        shifted_readings += 10
+        assert shifted_readings <= WINDOW, "no drift event within one window of the shift"
+        await asyncio.sleep(0.05)
+    (row,) = await _drift_rows(conn)
+    assert row["kind"] == "feature"
+    assert row["drift_score"] < 0.1  # the cluster shares held
+    top = json.loads(row["top_features"])
+    assert top[0]["feature"] == "Sensor 11" and top[0]["effect"] > 0.5
+    assert [t["feature"] for t in top].count("Sensor 11") == 1 and len(top) == 5
+    assert worker.metric("sensor_drift_detected") == 1
+    scrape = await worker.ascrape()
+    scores = {k: v for k, v in scrape.items() if k.startswith("sensor_feature_drift_score{")}
+    assert len(scores) == 20
+    assert max(scores, key=lambda k: scores[k]) == 'sensor_feature_drift_score{feature="Sensor 11"}'
+    assert worker.metric("sensor_feature_drift_p_value",
+                         'feature="Sensor 11"') < 5e-9  # type: ignore[operator]
 
 
 async def _async(value: object) -> object:

@@ -152,3 +152,21 @@ def test_a_matrix_of_the_wrong_width_is_refused() -> None:
         kernel.predict(np.zeros((2, 4)))
     with pytest.raises(ValueError, match="non-zero"):
         KMeansKernel(np.zeros(2), np.zeros(2), np.zeros((1, 2)))
+
+
+def test_the_nearest_centre_distance_is_scikit_learns() -> None:
+    """The outlier share's input: the distance the kernel returns with each label is the
+    Pipeline's transform() distance to the predicted centre."""
+    x = generate_feature_matrix(2000, seed=3)
+    pipeline = Pipeline([("s", StandardScaler()),
+                         ("k", KMeans(4, n_init=2, random_state=0))]).fit(x)
+    kernel = from_pipeline(pipeline)
+    assert kernel is not None
+    labels, confidence, distance = kernel.predict_with_distance(x)
+    expected = pipeline.transform(x)
+    np.testing.assert_array_equal(labels, pipeline.predict(x))
+    np.testing.assert_allclose(distance, expected[np.arange(len(x)), labels], rtol=1e-9,
+                               atol=1e-9)
+    same, conf = kernel.predict(x)
+    np.testing.assert_array_equal(same, labels)
+    np.testing.assert_array_equal(conf, confidence)

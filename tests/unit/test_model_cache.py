@@ -185,3 +185,30 @@ def test_an_entry_another_user_may_write_is_discarded(tmp_path: Path) -> None:
     cache.path("run1", 4).rename(target)
     cache.path("run1", 4).symlink_to(target)
     assert cache.load("run1", 4) is None
+
+
+def test_the_feature_reference_travels_with_the_cached_model(tmp_path: Path) -> None:
+    """The per-feature drift reference a trained model logged survives the cache; a model
+    without one (or an entry from before) gets its scaler's moments and no distances."""
+    from dataclasses import replace
+
+    from sensor_predictor.feature_drift import FeatureReference, reference_from_training
+    from sensor_predictor.model_holder import feature_reference
+
+    rng = np.random.default_rng(1)
+    logged = reference_from_training(("a", "b", "c"), rng.normal(size=(2000, 3)),
+                                     np.abs(rng.normal(size=2000))).to_json()
+    cache = ModelCache(tmp_path / "c", URI)
+    assert cache.store(replace(_entry(), feature_reference=logged))
+    loaded = cache.load("run1", 4)
+    assert loaded is not None and loaded.feature_reference == logged
+    kernel = KMeansKernel.from_arrays(loaded.kernel)
+    ref = feature_reference(loaded.feature_reference, ("a", "b", "c"), kernel)
+    assert ref == FeatureReference.from_json(logged) and ref.distance_p99 is not None
+    derived = feature_reference(None, ("a", "b", "c"), kernel)
+    assert derived is not None and derived.source == "scaler" and derived.distance_p99 is None
+    np.testing.assert_allclose(derived.mean, kernel.mean)
+    np.testing.assert_allclose(derived.std, kernel.scale)
+    # A reference naming other features than the model's is not used.
+    other = feature_reference({**logged, "names": ["x", "y", "z"]}, ("a", "b", "c"), kernel)
+    assert other is not None and other.source == "scaler"

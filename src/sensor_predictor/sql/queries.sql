@@ -177,17 +177,20 @@ SELECT id FROM drift WHERE model_version = $1 AND ended_at IS NULL;
 -- name: open_drift_row
 -- One open row per model version (a partial unique index): a second replica, or a restarted
 -- worker, crossing the threshold in the same excursion joins the existing row.
+-- kind, top_features, outlier_share: migrations/0012.
 INSERT INTO drift (drift_score, peak_score, reference_distribution, current_distribution,
-                   model_version)
-VALUES ($1, $1, $2::jsonb, $3::jsonb, $4)
+                   model_version, kind, top_features, outlier_share)
+VALUES ($1, $1, $2::jsonb, $3::jsonb, $4, $5, $6::jsonb, $7)
 ON CONFLICT (model_version) WHERE ended_at IS NULL DO NOTHING
 RETURNING id;
 
 -- name: update_drift_peak
+-- The top features are those of the latest update: what moves now ($4 NULL: left as is).
 UPDATE drift
    SET peak_score = GREATEST(peak_score, $2),
        current_distribution = CASE WHEN $2 >= COALESCE(peak_score, 0) THEN $3::jsonb
-                                   ELSE current_distribution END
+                                   ELSE current_distribution END,
+       top_features = COALESCE($4::jsonb, top_features)
  WHERE model_version = $1 AND ended_at IS NULL;
 
 -- name: close_drift_row
