@@ -543,6 +543,22 @@ CREATE TRIGGER readings_own_txid BEFORE INSERT ON readings FOR EACH ROW
     WHEN (NEW.txid IS DISTINCT FROM pg_current_xact_id())
     EXECUTE FUNCTION sp_readings_own_txid();
 
+-- Nor move a reading it wrote: an UPDATE that changes txid (an ORM saving every column, a
+-- fix-up script) would put it behind the cursor or past any snapshot, never handed out. The
+-- old txid is kept, silently (an old-system writer that rewrites whole rows keeps working).
+-- An UPDATE whose SET list does not name txid does not fire this trigger at all.
+CREATE OR REPLACE FUNCTION sp_readings_keep_txid() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    NEW.txid := OLD.txid;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER IF EXISTS readings_keep_txid ON readings;
+CREATE TRIGGER readings_keep_txid BEFORE UPDATE OF txid ON readings FOR EACH ROW
+    WHEN (NEW.txid IS DISTINCT FROM OLD.txid)
+    EXECUTE FUNCTION sp_readings_keep_txid();
+
 REVOKE EXECUTE ON FUNCTION sp_cursor_moved() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION sp_reanchor(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION sp_claim_next(text, integer, double precision, bigint, boolean)

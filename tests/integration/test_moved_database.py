@@ -181,3 +181,20 @@ async def test_a_writer_cannot_set_txid(conn: asyncpg.Connection) -> None:
     assert await conn.fetchval("SELECT sp_backlog()") == 3
     handed, _ = await _drain(conn)
     assert sorted(handed) == [explicit, *copied]
+
+
+@pytest.mark.timeout(60)
+async def test_an_update_of_txid_keeps_the_reading_handed_out(conn: asyncpg.Connection) -> None:
+    """A writer that rewrites txid (an ORM saving every column, a fix-up script) after the
+    insert: the reading keeps its own txid, is counted in the backlog and handed out once."""
+    await insert_readings(conn, [reading(0)])
+    assert (await _drain(conn))[0]  # the cursor's snapshot is past everything so far
+    [late] = await insert_readings(conn, [reading(1)])
+    before = await conn.fetchval("SELECT txid FROM readings WHERE id = $1", late)
+    await conn.execute("UPDATE readings SET txid = '5' WHERE id = $1", late)
+    await conn.execute("UPDATE readings SET txid = pg_current_xact_id() WHERE id = $1", late)
+    assert await conn.fetchval("SELECT txid FROM readings WHERE id = $1", late) == before
+    assert await conn.fetchval("SELECT sp_backlog()") == 1
+    handed, _ = await _drain(conn)
+    assert handed == [late]
+    assert (await tally(conn)).exactly_once
