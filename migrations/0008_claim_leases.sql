@@ -501,10 +501,20 @@ END
 $$;
 
 -- 0003's signatures, for a worker of the previous version during a rolling upgrade: session
--- locks, names in the read query's text. They no longer release every lock of the session.
+-- locks, names in the read query's text. Only that worker calls them, on a session of its own,
+-- and it never releases a claim's lock itself: each first releases its session's claim locks
+-- (class 21328: the previous claim's, written by now), or an old worker would pile up one lock
+-- per batch and keep every claim it ever had from the orphan look. 0003 released every lock of
+-- the session; only the claim class is released here (a lock of the application's stays).
+-- The current signatures never do this.
 CREATE OR REPLACE FUNCTION sp_claim(worker_name text, batch_size integer)
 RETURNS TABLE (claim_id bigint, reading_ids bigint[], "full" boolean)
 LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
+    SELECT count(pg_advisory_unlock(21328, (l.objid::bigint - CASE WHEN l.objid::bigint
+                                      > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
+       AND l.objsubid = 2 AND l.granted;
     SELECT s.claim_id, s.reading_ids, s."full"
       FROM sp_claim_next(worker_name, batch_size, NULL, NULL, true) s
      WHERE s.claim_id IS NOT NULL OR s.reanchored IS NULL OR s."full"
@@ -514,6 +524,11 @@ CREATE OR REPLACE FUNCTION sp_claim_read(worker_name text, batch_size integer, r
 RETURNS TABLE (claim_id bigint, "full" boolean, id bigint, features double precision[],
                age_seconds double precision)
 LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
+    SELECT count(pg_advisory_unlock(21328, (l.objid::bigint - CASE WHEN l.objid::bigint
+                                      > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
+       AND l.objsubid = 2 AND l.granted;
     SELECT s.claim_id, s."full", s.id, s.features, s.age_seconds
       FROM sp_claim_read(worker_name, batch_size, read_sql, '{}'::text[], NULL, NULL) s
      WHERE s.claim_id IS NOT NULL OR s.reanchored IS NULL OR s."full"
@@ -522,6 +537,11 @@ $$;
 CREATE OR REPLACE FUNCTION sp_take_orphan(worker_name text, fallback_seconds double precision)
 RETURNS TABLE (claim_id bigint, reading_ids bigint[], previous_worker text, age_seconds float8)
 LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
+    SELECT count(pg_advisory_unlock(21328, (l.objid::bigint - CASE WHEN l.objid::bigint
+                                      > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
+       AND l.objsubid = 2 AND l.granted;
     SELECT s.claim_id, s.reading_ids, s.previous_worker, s.age_seconds
       FROM sp_take_orphan(worker_name, fallback_seconds, NULL, NULL, NULL) s
 $$;

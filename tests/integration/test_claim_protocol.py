@@ -237,6 +237,30 @@ async def test_a_claim_releases_only_the_lock_it_is_told_to(
         await worker.close()
 
 
+async def test_a_worker_of_the_previous_version_holds_one_claim_lock_at_a_time(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """During a rolling upgrade an old worker claims through 0003's signatures and writes by
+    deleting the claim, never unlocking: each call frees its session's previous claim lock
+    (50 batches leave one lock, not 50), and only claim locks (an application's stays)."""
+    old = await database.connect()
+    try:
+        pid = await old.fetchval("SELECT pg_backend_pid()")
+        await old.execute("SELECT pg_advisory_lock(7461029318)")  # someone else's lock
+        await insert_readings(conn, [reading(i) for i in range(50)])
+        for _ in range(50):
+            c = await old.fetchrow('SELECT claim_id, reading_ids FROM sp_claim($1, 1)', "old")
+            await old.execute("DELETE FROM scoring_claims WHERE id = $1", c["claim_id"])
+            await old.execute("INSERT INTO predictions (reading_id, cluster_id, model_version)"
+                              " SELECT unnest($1::bigint[]), 0, 'v1'", c["reading_ids"])
+            await old.fetch("SELECT * FROM sp_take_orphan($1, 60.0)", "old")
+        held = await _advisory_locks(conn, pid)
+        assert (-1, 7461029318) in held
+        assert len(held - {(-1, 7461029318)}) <= 1
+        assert await conn.fetchval("SELECT count(*) FROM predictions") == 50
+    finally:
+        await old.close()
+
+
 async def test_a_renewed_lease_is_kept_however_long_the_batch_and_taken_once_it_lapses(
         database: Database, conn: asyncpg.Connection) -> None:
     q = db.queries()
