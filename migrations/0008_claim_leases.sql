@@ -436,6 +436,8 @@ DECLARE
     from_id bigint;
     total bigint;
     part bigint;
+    -- Readings beyond the server's counter (restored from one that was ahead) are swept.
+    now_xmax xid8 := pg_snapshot_xmax(pg_current_snapshot());
 BEGIN
     IF sp_cursor_moved() IS NOT NULL THEN  -- the next claim re-anchors: all of these wait
         SELECT count(*) INTO part FROM readings r
@@ -449,8 +451,7 @@ BEGIN
     IF cur.sweep_id IS NOT NULL THEN
         SELECT count(*) INTO part FROM readings r
          WHERE r.id > cur.sweep_id AND r.id <= cur.anchor_id
-           AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
-                OR r.txid >= pg_snapshot_xmax(pg_current_snapshot()))
+           AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap) OR r.txid >= now_xmax)
            AND NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
            AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id);
         total := total + part;
@@ -469,7 +470,12 @@ BEGIN
                AND (r.txid, r.id) > (cur.txid, cur.reading_id)
                AND (cur.anchor_id IS NULL OR r.id > cur.anchor_id OR (
                     NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
-                    AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)));
+                    AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)
+                    AND NOT EXISTS (SELECT 1 FROM scoring_claims c
+                                     WHERE c.reading_ids @> ARRAY[r.id::bigint])
+                    AND NOT (cur.sweep_id IS NOT NULL AND r.id > cur.sweep_id
+                             AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
+                                  OR r.txid >= now_xmax))));
             total := total + part;
         END IF;
         IF cur.snap IS NULL OR cur.txid >= pg_snapshot_xmax(cur.snap) THEN
@@ -487,7 +493,12 @@ BEGIN
                 OR NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id))
            AND (cur.anchor_id IS NULL OR r.id > cur.anchor_id OR (
                 NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
-                AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)));
+                AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)
+                AND NOT EXISTS (SELECT 1 FROM scoring_claims c
+                                 WHERE c.reading_ids @> ARRAY[r.id::bigint])
+                AND NOT (cur.sweep_id IS NOT NULL AND r.id > cur.sweep_id
+                         AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
+                              OR r.txid >= now_xmax))));
         total := total + part;
     END IF;
     SELECT count(*) INTO part FROM readings r
@@ -495,7 +506,12 @@ BEGIN
             OR r.txid = ANY (ARRAY(SELECT pg_snapshot_xip(base))))
        AND (cur.anchor_id IS NULL OR r.id > cur.anchor_id OR (
             NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
-            AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)));
+            AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)
+            AND NOT EXISTS (SELECT 1 FROM scoring_claims c
+                             WHERE c.reading_ids @> ARRAY[r.id::bigint])
+            AND NOT (cur.sweep_id IS NOT NULL AND r.id > cur.sweep_id
+                     AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
+                          OR r.txid >= now_xmax))));
     RETURN total + part;
 END
 $$;
