@@ -390,10 +390,14 @@ $$;
 -- The orphan timer's look: the claims with id above after_id and those in known (the ones it
 -- saw alive last time), each with whether it may be taken over now (sp_take_orphan's rules,
 -- tested without taking anything: a transaction-level lock, gone when this returns), and one
--- row with id NULL whose `mark` is the caller's next after_id: the claim sequence's position
--- before the look. Index probes only: what a long transaction keeps of the claims written
--- since never costs a scan. (Claims commit in id order, under the cursor lock; one still in
--- flight below the mark is seen by the caller's next full look, after_id 0.)
+-- row with id NULL, last, whose `mark` is the caller's next after_id. Index probes only: what
+-- a long transaction keeps of the claims written since never costs a scan.
+-- The mark never passes a claim still in flight. Claims are created under the cursor's row
+-- lock and commit with it, so they commit in id order and at most the lock holder's are
+-- uncommitted, all above every committed one. When the cursor is free (taken here FOR KEY
+-- SHARE, without waiting, until this transaction ends) no claim is in flight: the sequence's
+-- position is the mark. When a claim holds it, the mark is the highest claim id found (or
+-- after_id): the claim in flight is above it and the next look sees it once it commits.
 CREATE OR REPLACE FUNCTION sp_orphans(after_id bigint, known bigint[],
                                       fallback_seconds double precision)
 RETURNS TABLE (id bigint, orphan boolean, mark bigint)
@@ -402,26 +406,37 @@ LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
 -- a long transaction keeps there: one generic plan per session instead.
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    top bigint := COALESCE(pg_sequence_last_value('scoring_claims_id_seq'), 0);
+    top bigint;
+    settled boolean;
 BEGIN
+    PERFORM 1 FROM scoring_cursor FOR KEY SHARE SKIP LOCKED;
+    settled := FOUND;
+    IF settled THEN
+        top := COALESCE(pg_sequence_last_value('scoring_claims_id_seq'), 0);
+    ELSE
+        top := 9223372036854775807;
+    END IF;
     RETURN QUERY
-    SELECT s.id,
-           CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
-                ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
-                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END,
-           top
-      FROM scoring_claims s
-     WHERE s.id > after_id AND s.id <= top  -- a range: planned as an index range scan
-    UNION ALL  -- two index conditions (an OR of them scans the whole index)
-    SELECT s.id,
-           CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
-                ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
-                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END,
-           top
-      FROM scoring_claims s
-     WHERE s.id = ANY (known) AND s.id <= after_id
+    WITH f AS (
+        SELECT s.id,
+               CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
+                    ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
+                         OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END
+                   AS orphan
+          FROM scoring_claims s
+         WHERE s.id > after_id AND s.id <= top  -- a range: planned as an index range scan
+        UNION ALL  -- two index conditions (an OR of them scans the whole index)
+        SELECT s.id,
+               CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
+                    ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
+                         OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END
+          FROM scoring_claims s
+         WHERE s.id = ANY (known) AND s.id <= after_id)
+    SELECT f.id, f.orphan, NULL::bigint FROM f
     UNION ALL
-    SELECT NULL::bigint, NULL::boolean, top;
+    SELECT NULL::bigint, NULL::boolean,
+           CASE WHEN settled THEN top
+                ELSE GREATEST(after_id, (SELECT max(g.id) FROM f g WHERE g.id > after_id)) END;
 END
 $$;
 

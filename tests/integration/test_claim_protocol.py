@@ -13,6 +13,8 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.scoring import find_orphans
+from sensor_predictor.worker import next_orphan_look
 from tests.support.databases import Database
 from tests.support.readings import insert_readings, reading
 from tests.support.waiting import wait_for
@@ -259,6 +261,32 @@ async def test_a_worker_of_the_previous_version_holds_one_claim_lock_at_a_time(
         assert await conn.fetchval("SELECT count(*) FROM predictions") == 50
     finally:
         await old.close()
+
+
+async def test_a_claim_uncommitted_during_an_orphan_look_is_seen_by_the_next_look(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """The orphan timer's incremental look never moves its mark past a claim still in flight:
+    a claim whose transaction was open during one look, and whose owner then dies, is found
+    (takeable) by the very next look, within ORPHAN_CHECK_SECONDS, not by the full look."""
+    after, known = 0, list[int]()
+    found, mark = await find_orphans(conn, after, known, 60.0)
+    after, known, _ = next_orphan_look(after, mark, found)
+    await insert_readings(conn, [reading(i) for i in range(3)])
+    owner = await database.connect()
+    try:
+        tx = owner.transaction()
+        await tx.start()
+        claim = await owner.fetchrow("SELECT claim_id FROM sp_claim('owner', 10)")
+        assert claim["claim_id"] is not None
+        found, mark = await find_orphans(conn, after, known, 60.0)  # the claim is in flight
+        after, known, orphans = next_orphan_look(after, mark, found)
+        assert not orphans
+        await tx.commit()
+    finally:
+        await owner.close()  # the owner dies: its lock goes
+    found, mark = await find_orphans(conn, after, known, 60.0)
+    after, known, orphans = next_orphan_look(after, mark, found)
+    assert orphans == {claim["claim_id"]}
 
 
 async def test_a_renewed_lease_is_kept_however_long_the_batch_and_taken_once_it_lapses(
