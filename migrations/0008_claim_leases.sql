@@ -120,6 +120,9 @@ BEGIN
     SELECT c.snap, c.target, c.txid, c.reading_id, c.system_identifier, c.anchor_id,
            c.anchor_snap, c.sweep_id
       INTO cur FROM scoring_cursor c FOR UPDATE;
+    -- A claim in flight, until this transaction ends: sp_orphans does not move its mark past
+    -- the claim sequence while this is held (key -1: never a claim's key).
+    PERFORM pg_advisory_xact_lock_shared(21328, -1);
     -- sp_cursor_moved, inline (one statement less per claim).
     SELECT x.system_identifier INTO top FROM pg_control_system() x;
     IF cur.system_identifier IS NULL THEN  -- a cursor from before 0008 on an unknown cluster
@@ -393,11 +396,14 @@ $$;
 -- row with id NULL, last, whose `mark` is the caller's next after_id. Index probes only: what
 -- a long transaction keeps of the claims written since never costs a scan.
 -- The mark never passes a claim still in flight. Claims are created under the cursor's row
--- lock and commit with it, so they commit in id order and at most the lock holder's are
--- uncommitted, all above every committed one. When the cursor is free (taken here FOR KEY
--- SHARE, without waiting, until this transaction ends) no claim is in flight: the sequence's
--- position is the mark. When a claim holds it, the mark is the highest claim id found (or
--- after_id): the claim in flight is above it and the next look sees it once it commits.
+-- lock and commit with it, so they commit in id order and only the lock holder's can be
+-- uncommitted, all above every committed one. Their transaction holds (21328, -1) shared
+-- from before its first id. When this look gets that lock (and lets it go at once) no claim
+-- is in flight: every id the sequence has handed out is committed or gone, and the sequence's
+-- position is the mark. When a claim is in flight, the mark is the highest claim id found (or
+-- after_id): the one in flight is above it, and the next look sees it once it commits.
+-- (The cursor's row is not touched: under a long transaction it carries a dead version per
+-- claim, and locking it cost 7-12 ms per look in bench/claims_orphans.py.)
 CREATE OR REPLACE FUNCTION sp_orphans(after_id bigint, known bigint[],
                                       fallback_seconds double precision)
 RETURNS TABLE (id bigint, orphan boolean, mark bigint)
@@ -406,15 +412,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
 -- a long transaction keeps there: one generic plan per session instead.
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    top bigint;
+    top bigint := 9223372036854775807;
     settled boolean;
 BEGIN
-    PERFORM 1 FROM scoring_cursor FOR KEY SHARE SKIP LOCKED;
-    settled := FOUND;
+    settled := pg_try_advisory_lock(21328, -1);
     IF settled THEN
         top := COALESCE(pg_sequence_last_value('scoring_claims_id_seq'), 0);
-    ELSE
-        top := 9223372036854775807;
+        PERFORM pg_advisory_unlock(21328, -1);  -- the one lock taken here
     END IF;
     RETURN QUERY
     WITH f AS (
@@ -545,7 +549,7 @@ LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
                                       > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
       FROM pg_locks l
      WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
-       AND l.objsubid = 2 AND l.granted;
+       AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.granted;
     SELECT s.claim_id, s.reading_ids, s."full"
       FROM sp_claim_next(worker_name, batch_size, NULL, NULL, true) s
      WHERE s.claim_id IS NOT NULL OR s.reanchored IS NULL OR s."full"
@@ -559,7 +563,7 @@ LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
                                       > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
       FROM pg_locks l
      WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
-       AND l.objsubid = 2 AND l.granted;
+       AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.granted;
     SELECT s.claim_id, s."full", s.id, s.features, s.age_seconds
       FROM sp_claim_read(worker_name, batch_size, read_sql, '{}'::text[], NULL, NULL) s
      WHERE s.claim_id IS NOT NULL OR s.reanchored IS NULL OR s."full"
@@ -572,7 +576,7 @@ LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
                                       > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
       FROM pg_locks l
      WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
-       AND l.objsubid = 2 AND l.granted;
+       AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.granted;
     SELECT s.claim_id, s.reading_ids, s.previous_worker, s.age_seconds
       FROM sp_take_orphan(worker_name, fallback_seconds, NULL, NULL, NULL) s
 $$;
