@@ -22,7 +22,8 @@
 --    readings then visible that have neither a prediction nor an error are handed out by an
 --    anti-join sweep in id order, in batches, and the snapshot protocol resumes from the
 --    snapshot taken at the re-anchor. A writer cannot set txid any more (a BEFORE INSERT
---    trigger puts its own transaction there).
+--    trigger puts its own transaction there), nor change it (a BEFORE UPDATE OF txid trigger
+--    puts the old one back).
 -- 4. The read query takes the feature names as a text[] parameter ($2): no name is ever
 --    part of SQL text.
 
