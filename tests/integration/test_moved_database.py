@@ -76,10 +76,14 @@ async def _drain(conn: asyncpg.Connection, batch: int = 7, stop_after: int | Non
         held = row["claim_id"]
 
 
+GROUP_ROLES = ("sensor_predictor_worker", "sensor_predictor_trainer", "sensor_predictor_simulator")
+
+
 async def _restore(dump: Path, target: PgServer, name: str) -> None:
+    # Roles are global, not in a database's dump: as in a real move, the group roles the
+    # migrations made (0002, 0011) are created on the new cluster first.
     admin = await target.connect()
-    for role in ("sensor_predictor_worker", "sensor_predictor_trainer",
-                 "sensor_predictor_simulator"):  # 0002's and 0011's: roles are cluster-wide
+    for role in GROUP_ROLES:
         await admin.execute(f"CREATE ROLE {role} NOLOGIN")
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
