@@ -22,7 +22,8 @@
 --    readings then visible that have neither a prediction nor an error are handed out by an
 --    anti-join sweep in id order, in batches, and the snapshot protocol resumes from the
 --    snapshot taken at the re-anchor. A writer cannot set txid any more (a BEFORE INSERT
---    trigger puts its own transaction there).
+--    trigger puts its own transaction there), nor change it (a BEFORE UPDATE OF txid trigger
+--    puts the old one back).
 -- 4. The read query takes the feature names as a text[] parameter ($2): no name is ever
 --    part of SQL text.
 
@@ -120,6 +121,9 @@ BEGIN
     SELECT c.snap, c.target, c.txid, c.reading_id, c.system_identifier, c.anchor_id,
            c.anchor_snap, c.sweep_id
       INTO cur FROM scoring_cursor c FOR UPDATE;
+    -- A claim in flight, until this transaction ends: sp_orphans does not move its mark past
+    -- the claim sequence while this is held (key -1: never a claim's key).
+    PERFORM pg_advisory_xact_lock_shared(21328, -1);
     -- sp_cursor_moved, inline (one statement less per claim).
     SELECT x.system_identifier INTO top FROM pg_control_system() x;
     IF cur.system_identifier IS NULL THEN  -- a cursor from before 0008 on an unknown cluster
@@ -390,10 +394,17 @@ $$;
 -- The orphan timer's look: the claims with id above after_id and those in known (the ones it
 -- saw alive last time), each with whether it may be taken over now (sp_take_orphan's rules,
 -- tested without taking anything: a transaction-level lock, gone when this returns), and one
--- row with id NULL whose `mark` is the caller's next after_id: the claim sequence's position
--- before the look. Index probes only: what a long transaction keeps of the claims written
--- since never costs a scan. (Claims commit in id order, under the cursor lock; one still in
--- flight below the mark is seen by the caller's next full look, after_id 0.)
+-- row with id NULL, last, whose `mark` is the caller's next after_id. Index probes only: what
+-- a long transaction keeps of the claims written since never costs a scan.
+-- The mark never passes a claim still in flight. Claims are created under the cursor's row
+-- lock and commit with it, so they commit in id order and only the lock holder's can be
+-- uncommitted, all above every committed one. Their transaction holds (21328, -1) shared
+-- from before its first id. When this look gets that lock (and lets it go at once) no claim
+-- is in flight: every id the sequence has handed out is committed or gone, and the sequence's
+-- position is the mark. When a claim is in flight, the mark is the highest claim id found (or
+-- after_id): the one in flight is above it, and the next look sees it once it commits.
+-- (The cursor's row is not touched: under a long transaction it carries a dead version per
+-- claim, and locking it cost 7-12 ms per look in bench/claims_orphans.py.)
 CREATE OR REPLACE FUNCTION sp_orphans(after_id bigint, known bigint[],
                                       fallback_seconds double precision)
 RETURNS TABLE (id bigint, orphan boolean, mark bigint)
@@ -402,26 +413,35 @@ LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
 -- a long transaction keeps there: one generic plan per session instead.
 SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
-    top bigint := COALESCE(pg_sequence_last_value('scoring_claims_id_seq'), 0);
+    top bigint := 9223372036854775807;
+    settled boolean;
 BEGIN
+    settled := pg_try_advisory_lock(21328, -1);
+    IF settled THEN
+        top := COALESCE(pg_sequence_last_value('scoring_claims_id_seq'), 0);
+        PERFORM pg_advisory_unlock(21328, -1);  -- the one lock taken here
+    END IF;
     RETURN QUERY
-    SELECT s.id,
-           CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
-                ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
-                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END,
-           top
-      FROM scoring_claims s
-     WHERE s.id > after_id AND s.id <= top  -- a range: planned as an index range scan
-    UNION ALL  -- two index conditions (an OR of them scans the whole index)
-    SELECT s.id,
-           CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
-                ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
-                     OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END,
-           top
-      FROM scoring_claims s
-     WHERE s.id = ANY (known) AND s.id <= after_id
+    WITH f AS (
+        SELECT s.id,
+               CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
+                    ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
+                         OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END
+                   AS orphan
+          FROM scoring_claims s
+         WHERE s.id > after_id AND s.id <= top  -- a range: planned as an index range scan
+        UNION ALL  -- two index conditions (an OR of them scans the whole index)
+        SELECT s.id,
+               CASE WHEN s.lease_until IS NOT NULL THEN s.lease_until < clock_timestamp()
+                    ELSE s.claimed_at < clock_timestamp() - make_interval(secs => fallback_seconds)
+                         OR pg_try_advisory_xact_lock(21328, sp_claim_lock_key(s.id)) END
+          FROM scoring_claims s
+         WHERE s.id = ANY (known) AND s.id <= after_id)
+    SELECT f.id, f.orphan, NULL::bigint FROM f
     UNION ALL
-    SELECT NULL::bigint, NULL::boolean, top;
+    SELECT NULL::bigint, NULL::boolean,
+           CASE WHEN settled THEN top
+                ELSE GREATEST(after_id, (SELECT max(g.id) FROM f g WHERE g.id > after_id)) END;
 END
 $$;
 
@@ -436,6 +456,8 @@ DECLARE
     from_id bigint;
     total bigint;
     part bigint;
+    -- Readings beyond the server's counter (restored from one that was ahead) are swept.
+    now_xmax xid8 := pg_snapshot_xmax(pg_current_snapshot());
 BEGIN
     IF sp_cursor_moved() IS NOT NULL THEN  -- the next claim re-anchors: all of these wait
         SELECT count(*) INTO part FROM readings r
@@ -449,8 +471,7 @@ BEGIN
     IF cur.sweep_id IS NOT NULL THEN
         SELECT count(*) INTO part FROM readings r
          WHERE r.id > cur.sweep_id AND r.id <= cur.anchor_id
-           AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
-                OR r.txid >= pg_snapshot_xmax(pg_current_snapshot()))
+           AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap) OR r.txid >= now_xmax)
            AND NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
            AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id);
         total := total + part;
@@ -469,7 +490,12 @@ BEGIN
                AND (r.txid, r.id) > (cur.txid, cur.reading_id)
                AND (cur.anchor_id IS NULL OR r.id > cur.anchor_id OR (
                     NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
-                    AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)));
+                    AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)
+                    AND NOT EXISTS (SELECT 1 FROM scoring_claims c
+                                     WHERE c.reading_ids @> ARRAY[r.id::bigint])
+                    AND NOT (cur.sweep_id IS NOT NULL AND r.id > cur.sweep_id
+                             AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
+                                  OR r.txid >= now_xmax))));
             total := total + part;
         END IF;
         IF cur.snap IS NULL OR cur.txid >= pg_snapshot_xmax(cur.snap) THEN
@@ -487,7 +513,12 @@ BEGIN
                 OR NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id))
            AND (cur.anchor_id IS NULL OR r.id > cur.anchor_id OR (
                 NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
-                AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)));
+                AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)
+                AND NOT EXISTS (SELECT 1 FROM scoring_claims c
+                                 WHERE c.reading_ids @> ARRAY[r.id::bigint])
+                AND NOT (cur.sweep_id IS NOT NULL AND r.id > cur.sweep_id
+                         AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
+                              OR r.txid >= now_xmax))));
         total := total + part;
     END IF;
     SELECT count(*) INTO part FROM readings r
@@ -495,16 +526,31 @@ BEGIN
             OR r.txid = ANY (ARRAY(SELECT pg_snapshot_xip(base))))
        AND (cur.anchor_id IS NULL OR r.id > cur.anchor_id OR (
             NOT EXISTS (SELECT 1 FROM predictions o WHERE o.reading_id = r.id)
-            AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)));
+            AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)
+            AND NOT EXISTS (SELECT 1 FROM scoring_claims c
+                             WHERE c.reading_ids @> ARRAY[r.id::bigint])
+            AND NOT (cur.sweep_id IS NOT NULL AND r.id > cur.sweep_id
+                     AND (pg_visible_in_snapshot(r.txid, cur.anchor_snap)
+                          OR r.txid >= now_xmax))));
     RETURN total + part;
 END
 $$;
 
 -- 0003's signatures, for a worker of the previous version during a rolling upgrade: session
--- locks, names in the read query's text. They no longer release every lock of the session.
+-- locks, names in the read query's text. Only that worker calls them, on a session of its own,
+-- and it never releases a claim's lock itself: each first releases its session's claim locks
+-- (class 21328: the previous claim's, written by now), or an old worker would pile up one lock
+-- per batch and keep every claim it ever had from the orphan look. 0003 released every lock of
+-- the session; only the claim class is released here (a lock of the application's stays).
+-- The current signatures never do this.
 CREATE OR REPLACE FUNCTION sp_claim(worker_name text, batch_size integer)
 RETURNS TABLE (claim_id bigint, reading_ids bigint[], "full" boolean)
 LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
+    SELECT count(pg_advisory_unlock(21328, (l.objid::bigint - CASE WHEN l.objid::bigint
+                                      > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
+       AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.granted;
     SELECT s.claim_id, s.reading_ids, s."full"
       FROM sp_claim_next(worker_name, batch_size, NULL, NULL, true) s
      WHERE s.claim_id IS NOT NULL OR s.reanchored IS NULL OR s."full"
@@ -514,6 +560,11 @@ CREATE OR REPLACE FUNCTION sp_claim_read(worker_name text, batch_size integer, r
 RETURNS TABLE (claim_id bigint, "full" boolean, id bigint, features double precision[],
                age_seconds double precision)
 LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
+    SELECT count(pg_advisory_unlock(21328, (l.objid::bigint - CASE WHEN l.objid::bigint
+                                      > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
+       AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.granted;
     SELECT s.claim_id, s."full", s.id, s.features, s.age_seconds
       FROM sp_claim_read(worker_name, batch_size, read_sql, '{}'::text[], NULL, NULL) s
      WHERE s.claim_id IS NOT NULL OR s.reanchored IS NULL OR s."full"
@@ -522,6 +573,11 @@ $$;
 CREATE OR REPLACE FUNCTION sp_take_orphan(worker_name text, fallback_seconds double precision)
 RETURNS TABLE (claim_id bigint, reading_ids bigint[], previous_worker text, age_seconds float8)
 LANGUAGE sql SET search_path = pg_catalog, public, pg_temp AS $$
+    SELECT count(pg_advisory_unlock(21328, (l.objid::bigint - CASE WHEN l.objid::bigint
+                                      > 2147483647 THEN 4294967296 ELSE 0 END)::integer))
+      FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = 21328
+       AND l.objsubid = 2 AND l.mode = 'ExclusiveLock' AND l.granted;
     SELECT s.claim_id, s.reading_ids, s.previous_worker, s.age_seconds
       FROM sp_take_orphan(worker_name, fallback_seconds, NULL, NULL, NULL) s
 $$;
@@ -542,6 +598,22 @@ DROP TRIGGER IF EXISTS readings_own_txid ON readings;
 CREATE TRIGGER readings_own_txid BEFORE INSERT ON readings FOR EACH ROW
     WHEN (NEW.txid IS DISTINCT FROM pg_current_xact_id())
     EXECUTE FUNCTION sp_readings_own_txid();
+
+-- Nor move a reading it wrote: an UPDATE that changes txid (an ORM saving every column, a
+-- fix-up script) would put it behind the cursor or past any snapshot, never handed out. The
+-- old txid is kept, silently (an old-system writer that rewrites whole rows keeps working).
+-- An UPDATE whose SET list does not name txid does not fire this trigger at all.
+CREATE OR REPLACE FUNCTION sp_readings_keep_txid() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+    NEW.txid := OLD.txid;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER IF EXISTS readings_keep_txid ON readings;
+CREATE TRIGGER readings_keep_txid BEFORE UPDATE OF txid ON readings FOR EACH ROW
+    WHEN (NEW.txid IS DISTINCT FROM OLD.txid)
+    EXECUTE FUNCTION sp_readings_keep_txid();
 
 REVOKE EXECUTE ON FUNCTION sp_cursor_moved() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION sp_reanchor(text) FROM PUBLIC;

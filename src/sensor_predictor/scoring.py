@@ -155,7 +155,8 @@ async def find_orphans(conn: asyncpg.Connection | asyncpg.Pool, after_id: int, k
     """Claims above after_id and those in known: (id, may be taken over now); and the next
     look's after_id."""
     rows = await conn.fetch(db.queries()["find_orphans"], after_id, known, fallback_seconds)
-    mark = int(rows[-1]["mark"]) if rows else after_id
+    marks = [r["mark"] for r in rows if r["id"] is None]
+    mark = int(marks[0]) if marks and marks[0] is not None else after_id
     return [(int(r["id"]), bool(r["orphan"])) for r in rows if r["id"] is not None], mark
 
 

@@ -9,6 +9,7 @@ unit-tested.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -121,8 +122,10 @@ class Worker:
         self._tasks: list[asyncio.Task[Any]] = []
         # Claims the orphan timer found takeable; the lanes take them over.
         self._orphans: set[int] = set()
-        # Claims this worker is scoring (their leases are renewed in transaction mode).
-        self._in_flight: set[int] = set()
+        # Claims this worker is scoring (their leases are renewed in transaction mode), with
+        # how many lanes score each: a lane that took back its own worker's claim (a lease
+        # that lapsed) holds the same id as the lane that first had it.
+        self._in_flight: collections.Counter[int] = collections.Counter()
         self.lease_seconds = (settings.claim_lease_seconds if settings.pool_mode == "transaction"
                               else None)
         self._warm_up: asyncio.Task[None] | None = None
@@ -768,11 +771,13 @@ class Worker:
                         else:
                             assert isinstance(handed, Claim)
                             claim = handed
-                    self._in_flight.add(claim.claim_id)
+                    self._in_flight[claim.claim_id] += 1
                     try:
                         result = await self._score(conn, claim, model)
                     finally:
-                        self._in_flight.discard(claim.claim_id)
+                        self._in_flight[claim.claim_id] -= 1
+                        if self._in_flight[claim.claim_id] <= 0:
+                            del self._in_flight[claim.claim_id]
                     if claim.locked:
                         own = replace(own, release=claim.claim_id)
                     scored += 1

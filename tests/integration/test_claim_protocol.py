@@ -13,6 +13,8 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.scoring import find_orphans
+from sensor_predictor.worker import next_orphan_look
 from tests.support.databases import Database
 from tests.support.readings import insert_readings, reading
 from tests.support.waiting import wait_for
@@ -178,7 +180,11 @@ async def test_adopted_rows_scored_by_the_old_predictor_are_skipped_and_the_clai
     passed over, and a claim looks further to fill its batch, so an adopted backlog drains in
     batches as large as a fresh one's."""
     ids = await insert_readings(conn, [reading(i) for i in range(40)])
-    await conn.execute("UPDATE readings SET txid = '0'")  # as an adopted database reads them
+    # As an adopted database reads them. The trigger that keeps a reading's txid is off for
+    # this session only (replica role: ordinary triggers do not fire), as on the old system.
+    await conn.execute("SET session_replication_role = replica")
+    await conn.execute("UPDATE readings SET txid = '0'")
+    await conn.execute("RESET session_replication_role")
     scored = ids[::2]
     await conn.execute(
         "INSERT INTO predictions (reading_id, cluster_id, model_version)"
@@ -231,6 +237,56 @@ async def test_a_claim_releases_only_the_lock_it_is_told_to(
         assert leased["claim_id"] is not None and await _advisory_locks(conn, pid) == held
     finally:
         await worker.close()
+
+
+async def test_a_worker_of_the_previous_version_holds_one_claim_lock_at_a_time(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """During a rolling upgrade an old worker claims through 0003's signatures and writes by
+    deleting the claim, never unlocking: each call frees its session's previous claim lock
+    (50 batches leave one lock, not 50), and only claim locks (an application's stays)."""
+    old = await database.connect()
+    try:
+        pid = await old.fetchval("SELECT pg_backend_pid()")
+        await old.execute("SELECT pg_advisory_lock(7461029318)")  # someone else's lock
+        await insert_readings(conn, [reading(i) for i in range(50)])
+        for _ in range(50):
+            c = await old.fetchrow('SELECT claim_id, reading_ids FROM sp_claim($1, 1)', "old")
+            await old.execute("DELETE FROM scoring_claims WHERE id = $1", c["claim_id"])
+            await old.execute("INSERT INTO predictions (reading_id, cluster_id, model_version)"
+                              " SELECT unnest($1::bigint[]), 0, 'v1'", c["reading_ids"])
+            await old.fetch("SELECT * FROM sp_take_orphan($1, 60.0)", "old")
+        held = await _advisory_locks(conn, pid)
+        assert (-1, 7461029318) in held
+        assert len(held - {(-1, 7461029318)}) <= 1
+        assert await conn.fetchval("SELECT count(*) FROM predictions") == 50
+    finally:
+        await old.close()
+
+
+async def test_a_claim_uncommitted_during_an_orphan_look_is_seen_by_the_next_look(
+        database: Database, conn: asyncpg.Connection) -> None:
+    """The orphan timer's incremental look never moves its mark past a claim still in flight:
+    a claim whose transaction was open during one look, and whose owner then dies, is found
+    (takeable) by the very next look, within ORPHAN_CHECK_SECONDS, not by the full look."""
+    after, known = 0, list[int]()
+    found, mark = await find_orphans(conn, after, known, 60.0)
+    after, known, _ = next_orphan_look(after, mark, found)
+    await insert_readings(conn, [reading(i) for i in range(3)])
+    owner = await database.connect()
+    try:
+        tx = owner.transaction()
+        await tx.start()
+        claim = await owner.fetchrow("SELECT claim_id FROM sp_claim('owner', 10)")
+        assert claim["claim_id"] is not None
+        found, mark = await find_orphans(conn, after, known, 60.0)  # the claim is in flight
+        after, known, orphans = next_orphan_look(after, mark, found)
+        assert not orphans
+        await tx.commit()
+    finally:
+        await owner.close()  # the owner dies: its lock goes
+    found, mark = await find_orphans(conn, after, known, 60.0)
+    after, known, orphans = next_orphan_look(after, mark, found)
+    assert orphans == {claim["claim_id"]}
 
 
 async def test_a_renewed_lease_is_kept_however_long_the_batch_and_taken_once_it_lapses(

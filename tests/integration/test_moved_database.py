@@ -187,3 +187,63 @@ async def test_a_writer_cannot_set_txid(conn: asyncpg.Connection) -> None:
     assert await conn.fetchval("SELECT sp_backlog()") == 3
     handed, _ = await _drain(conn)
     assert sorted(handed) == [explicit, *copied]
+
+
+@pytest.mark.timeout(60)
+async def test_an_update_of_txid_keeps_the_reading_handed_out(conn: asyncpg.Connection) -> None:
+    """A writer that rewrites txid (an ORM saving every column, a fix-up script) after the
+    insert: the reading keeps its own txid, is counted in the backlog and handed out once."""
+    await insert_readings(conn, [reading(0)])
+    assert (await _drain(conn))[0]  # the cursor's snapshot is past everything so far
+    [late] = await insert_readings(conn, [reading(1)])
+    before = await conn.fetchval("SELECT txid FROM readings WHERE id = $1", late)
+    await conn.execute("UPDATE readings SET txid = '5' WHERE id = $1", late)
+    await conn.execute("UPDATE readings SET txid = pg_current_xact_id() WHERE id = $1", late)
+    assert await conn.fetchval("SELECT txid FROM readings WHERE id = $1", late) == before
+    assert await conn.fetchval("SELECT sp_backlog()") == 1
+    handed, _ = await _drain(conn)
+    assert handed == [late]
+    assert (await tally(conn)).exactly_once
+
+
+@pytest.mark.timeout(60)
+async def test_the_backlog_is_the_truth_before_during_and_after_a_sweep(
+        conn: asyncpg.Connection) -> None:
+    """Restored readings whose txid is beyond the new counter are swept once and counted once:
+    sp_backlog() equals the readings with neither a prediction nor an error at every step of a
+    re-anchor's sweep (claimed, written, then new readings after it)."""
+    q = db.queries()
+    ids = await insert_readings(conn, [reading(i) for i in range(10)])
+    # 3 rows restored from a cluster whose counter was ahead (as pg_restore loads them: before
+    # the triggers exist, so none fires), then the cursor found on another cluster.
+    await conn.execute("SET session_replication_role = replica")
+    await conn.execute("UPDATE readings SET txid = (pg_current_xact_id()::text::bigint"
+                       " + 1000000)::text::xid8 WHERE id = ANY ($1::bigint[])", ids[:3])
+    await conn.execute("RESET session_replication_role")
+    await conn.execute("UPDATE scoring_cursor SET system_identifier = 42")
+
+    async def check() -> None:
+        truth = await conn.fetchval(
+            "SELECT count(*) FROM readings r"
+            " WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.reading_id = r.id)"
+            " AND NOT EXISTS (SELECT 1 FROM reading_errors e WHERE e.reading_id = r.id)")
+        assert await conn.fetchval("SELECT sp_backlog()") == truth
+
+    await check()
+    claims = []
+    while (row := await conn.fetchrow(q["claim"], "t", 2, None, None)) is not None:
+        if row["claim_id"] is None and not row["full"]:
+            break
+        if row["claim_id"] is not None:
+            claims.append((row["claim_id"], list(row["reading_ids"])))
+        await check()  # during the sweep, claims held
+    assert sorted(i for _, c in claims for i in c) == ids
+    for claim_id, handed in claims:
+        n = len(handed)
+        assert await conn.fetchval(q["write_claim"], claim_id, handed, [0] * n, [1.0] * n,
+                                   "1", "run", "m", [], [], [], [0] * n, 0) == 1
+        await check()  # claims written one by one
+    assert await conn.fetchval("SELECT sweep_id FROM scoring_cursor") is None
+    await insert_readings(conn, [reading(i) for i in range(4)])
+    await check()  # after the sweep: only the new readings
+    assert await conn.fetchval("SELECT sp_backlog()") == 4
