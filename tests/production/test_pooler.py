@@ -235,7 +235,9 @@ async def test_login_errors_are_named_not_retried(
 
     async def missing() -> str | None:
         state = await asyncio.to_thread(worker.ready)
-        return None if not state else state.get("missing", {}).get("database")
+        said = None if not state else state.get("missing", {}).get("database")
+        # Until its first attempt fails, /ready says only that it is not connected yet.
+        return None if said == "not connected yet" else said
 
     said = await wait_until(missing, "/ready naming the refused login", timeout=30)
     assert "refused the login" in said and "POSTGRES_PASSWORD" in said
@@ -331,7 +333,12 @@ async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_a
         return await asyncio.to_thread(b.metric, "sensor_claim_late_results_total") or 0.0
 
     late = await wait_for(late_counted, timeout=15, interval=0.2)
-    assert late and late > 0, b.tail()
+    # Frozen between two statements, the worker writes late on SIGCONT and the write is
+    # discarded and counted. Frozen inside one, PgBouncer's query_timeout has cut that server
+    # connection meanwhile: on SIGCONT its statement fails (database_unavailable) and nothing
+    # is written at all. Either way the new owner's results are the only ones (checked above).
+    cut = any(e.get("event") == "database_unavailable" for e in b.events())
+    assert (late and late > 0) or cut, b.tail()
     assert max(locks_seen) == 0 and await conn.fetchval(ADVISORY_LOCKS) == 0, locks_seen
     notified = total([a, b], "sensor_wakeups_total", 'cause="notification"')
     taken = total([a, b], "sensor_claims_taken_over_total")
@@ -342,7 +349,8 @@ async def test_transaction_mode_with_a_direct_listen_exactly_once_through_kill_a
     report(scenario="PgBouncer transaction, LISTEN direct: kill, restart, freeze",
            runs=1, readings=stats.committed + 2 * len(BURST), lost=outcome.lost,
            duplicated=outcome.duplicated, recovery=f"takeover {takeover_s:.1f} s",
-           detail=f"lease {LEASE:g} s, late results discarded {late:.0f}, notification "
+           detail=f"lease {LEASE:g} s, late results discarded {late:.0f}"
+                  f"{'' if late else ' (its statement was cut by query_timeout)'}, notification "
                   f"wake-ups {notified:.0f}, claims taken over {taken:.0f}")
 
 
@@ -359,9 +367,16 @@ async def test_poll_only_through_the_transaction_pool(
                            INFERENCE_INTERVAL_SECONDS="1")
     state = await worker.until_ready(within=120)
     assert state.get("poll_only") is True, state
+
+    async def polls() -> float:
+        return await asyncio.to_thread(worker.metric, "sensor_wakeups_total",
+                                       'cause="poll"') or 0.0
+
+    # The readings come once the start's own wake-ups are over: only a poll can find them.
+    assert await wait_for(polls, timeout=10, interval=0.2), worker.tail()
     await chaos_conn.fetch(INSERT, GOOD_ROWS[:50], await machine_id(chaos_conn))
     assert await wait_settled(chaos_conn, timeout=30), worker.tail()
     await check_invariant(chaos_conn, served(chaos_models.v1))
     events = {e.get("event") for e in worker.events()}
     assert {"migrations_skipped", "poll_only"} <= events and "listening" not in events
-    assert (worker.metric("sensor_wakeups_total", 'cause="poll"') or 0) > 0
+    assert (worker.metric("sensor_wakeups_total", 'cause="notification"') or 0) == 0
