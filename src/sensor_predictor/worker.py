@@ -842,6 +842,11 @@ class Worker:
                     self._record(result)
                     size = next_batch_size(size, size if claim.full else result.size,
                                            self.settings.prediction_batch_size)
+                    if not claim.full and claim.previous_worker is None and not self._orphans:
+                        # The claim handed out the cursor's whole interval: whatever commits
+                        # after its snapshot notifies (a wake-up, served by the next pass). A
+                        # claim now would find nothing, at a claim's cost to the server.
+                        return
             finally:
                 if own.release is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
