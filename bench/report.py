@@ -34,6 +34,49 @@ def _drain_label(d: dict[str, Any]) -> str:
             + (f" x {reps} replicas" if reps > 1 else ""))
 
 
+BUSY_OTHERS_CORES = 0.3  # other processes above this during a phase: its figures are flagged
+
+
+def busy_phases(r: dict[str, Any]) -> dict[str, float]:
+    """Every phase (a results entry with a `cpu_cores` record) during which processes other than
+    the bench, its PostgreSQL and the consumer used more than BUSY_OTHERS_CORES cores: its
+    path in results.json -> those cores."""
+    out: dict[str, float] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            cores = node.get("cpu_cores")
+            if isinstance(cores, dict) and (cores.get("others_cores") or 0) > BUSY_OTHERS_CORES:
+                out[path] = cores["others_cores"]
+            for k, v in node.items():
+                if k not in ("cdf_ms", "timeline"):
+                    walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk({k: v for k, v in r.items() if k not in ("machine", "args", "targets")}, "")
+    return out
+
+
+def _busy(d: dict[str, Any]) -> str:
+    """' (BUSY: x cores)' when other processes used more than BUSY_OTHERS_CORES in `d`."""
+    others = (d.get("cpu_cores") or {}).get("others_cores") or 0
+    return f" (BUSY: others {others} cores)" if others > BUSY_OTHERS_CORES else ""
+
+
+def sustained_limit(r: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(P, D, 1 / (1/P + 1/D)): the step-up producer alone, the default one-worker drain, and
+    the most writers and worker together can do on this machine (they share its cores)."""
+    ceil = next((c for c in r.get("producer_ceiling", []) if c.get("used_in_stepup")), None)
+    drain = next((d for d in r.get("drain", [])
+                  if d.get("default_settings") and d.get("replicas", 1) == 1), None)
+    if not ceil or not drain or not ceil["rate"] or not drain["rate"]:
+        return None
+    p, d = float(ceil["rate"]), float(drain["rate"])
+    return p, d, 1 / (1 / p + 1 / d)
+
+
 def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     """(what, measured, target, met) rows; met None: reported, no target."""
     t = r["targets"]
@@ -61,15 +104,32 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     s1 = live.get("steady_1000")
     if s1:
         lv = s1["latency_ms"]["visible_to_commit"]
-        rows.append(("p50 reading visible -> prediction commit at 1,000/s", f"{lv['p50']} ms",
-                     f"<= {t['visible_p50_ms_at_1k']} ms", lv["p50"] <= t["visible_p50_ms_at_1k"]))
-        rows.append(("p99 reading visible -> prediction commit at 1,000/s", f"{lv['p99']} ms",
-                     f"<= {t['visible_p99_ms_at_1k']} ms", lv["p99"] <= t["visible_p99_ms_at_1k"]))
+        rows.append(("p50 reading visible -> prediction commit at 1,000/s",
+                     f"{lv['p50']} ms{_busy(s1)}", f"<= {t['visible_p50_ms_at_1k']} ms",
+                     lv["p50"] <= t["visible_p50_ms_at_1k"]))
+        rows.append(("p99 reading visible -> prediction commit at 1,000/s",
+                     f"{lv['p99']} ms{_busy(s1)}", f"<= {t['visible_p99_ms_at_1k']} ms",
+                     lv["p99"] <= t["visible_p99_ms_at_1k"]))
         li = s1["latency_ms"]["insert_to_commit"]
         lw = s1["latency_ms"]["insert_to_visible"]
         rows.append(("insert -> prediction commit at 1,000/s, p50 / p99 (the writer's own "
                      "insert -> visible)", f"{li['p50']} / {li['p99']} ms ({lw['p50']} / "
                      f"{lw['p99']} ms)", "-", None))
+    for key in sorted((k for k in live if k.startswith("steady_")),
+                      key=lambda k: int(k.split("_")[1])):
+        s, fl = live[key], live.get("floor_" + key.split("_")[1])
+        ratio = s.get("vs_floor")
+        if not fl or not ratio:
+            continue
+        a, b = s["latency_ms"]["visible_to_commit"], fl["latency_ms"]["visible_to_commit"]
+        for q, target in (("p50", t.get("floor_p50_ratio", 1.5)),
+                          ("p99", t.get("floor_p99_ratio", 3.0))):
+            got = ratio.get(f"{q}_ratio")
+            rows.append((f"{q} visible -> prediction commit at {s['target_rate']:,}/s, ours / "
+                         "the floor (bench/floor.py, same run)",
+                         f"{_fmt(got)} x ({a.get(q)} / {b.get(q)} ms)"
+                         + (" (BUSY)" if _busy(s) or _busy(fl) else ""),
+                         f"<= {target} x", got is not None and got <= target))
     ft = live.get("foreign_transaction")
     if ft:
         w, wo = ft["with"], ft["without"]
@@ -89,6 +149,16 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                      + (f" (producer alone: {ceil['rate']:,}/s)" if ceil else ""),
                      f">= {t['sustained_rate']:,}/s",
                      (st["max_bounded_rate"] or 0) >= t["sustained_rate"]))
+        limit = sustained_limit(r)
+        if limit is not None:
+            p, d, both = limit
+            got = (st["max_bounded_rate"] or 0) / both
+            rows.append(("sustained rate vs the machine's limit for writers and worker "
+                         "together, 1 / (1/P + 1/D) (P the producer alone, D the default drain)",
+                         f"{got:.2f} x ({_fmt(st['max_bounded_rate'])} / {both:,.0f}/s; P "
+                         f"{p:,.0f}/s, D {d:,.0f}/s)",
+                         f">= {t.get('sustained_vs_limit', 0.85)} x",
+                         got >= t.get("sustained_vs_limit", 0.85)))
     rs = r.get("restart")
     if rs:
         rows.append(("SIGKILL -> first prediction of the restarted worker, median (max)",
@@ -155,6 +225,12 @@ def summary(r: dict[str, Any]) -> str:
     ]
     for what, measured, target, met in evaluate(r):
         lines.append(f"| {what} | {measured} | {target} | {_ok(met)} |")
+    busy = busy_phases(r)
+    lines += ["", f"Machine load: other processes (not this bench, its PostgreSQL or the "
+              f"consumer measured) above {BUSY_OTHERS_CORES} cores during "
+              + (f"{len(busy)} phase(s), whose figures are flagged BUSY: "
+                 + ", ".join(f"`{k}` {v} cores" for k, v in busy.items()) + "."
+                 if busy else "no phase: every figure was measured on a quiet machine.")]
     drains = r.get("drain", [])
     if drains:
         ceil = [d["ceiling_copy"]["rate"] for d in drains]
@@ -191,23 +267,35 @@ def summary(r: dict[str, Any]) -> str:
             "",
             "## Steady load (paced producer, 100-row multi-row INSERTs), latency in ms",
             "",
-            "| load | produced | insert->commit p50 / p95 / p99 / max | writer's own INSERT "
-            "p50 | reading commit->prediction commit p50 / p99 | bare NOTIFY floor p50 / p99 | "
-            "histogram p50 / p99 | worker CPU | other processes |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| load | consumer | produced | insert->commit p50 / p95 / p99 / max | writer's "
+            "own INSERT p50 | reading commit->prediction commit p50 / p99 / max | ours / floor "
+            "p50, p99 | histogram p50 / p99 | consumer CPU | other processes |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in steady:
             a = s["latency_ms"]["insert_to_commit"]
             b = s["latency_ms"]["visible_to_commit"]
             w = s["latency_ms"]["insert_to_visible"]
-            f = s["latency_ms"].get("notify_floor", {})
             h = s["histogram_ms"]
-            lines.append(
-                f"| {s['target_rate']:,}/s | {s['produced_rate']:,}/s | {a['p50']} / {a['p95']} "
-                f"/ {a['p99']} / {a['max']} | {w['p50']} | {b['p50']} / {b['p99']} | "
-                f"{f.get('p50', '-')} / {f.get('p99', '-')} | {h['p50']} / {h['p99']} "
-                f"| {s['worker_cpu_share']:.0%} of a core | "
-                f"{s['cpu_cores'].get('others_cores', '-')} cores |")
+            ratio = s.get("vs_floor") or {}
+            fl = live.get(f"floor_{s['target_rate']}")
+            for consumer, row in (("ours", s), ("floor", fl)):
+                if row is None:
+                    continue
+                a = row["latency_ms"]["insert_to_commit"]
+                b = row["latency_ms"]["visible_to_commit"]
+                w = row["latency_ms"]["insert_to_visible"]
+                h = row["histogram_ms"]
+                others = row["cpu_cores"].get("others_cores", "-")
+                lines.append(
+                    f"| {row['target_rate']:,}/s | {consumer} | {row['produced_rate']:,}/s | "
+                    f"{a.get('p50')} / {a.get('p95')} / {a.get('p99')} / {a.get('max')} | "
+                    f"{w.get('p50')} | {b.get('p50')} / {b.get('p99')} / {b.get('max')} | "
+                    + (f"{_fmt(ratio.get('p50_ratio'))} x, {_fmt(ratio.get('p99_ratio'))} x"
+                       if consumer == "ours" and ratio else "-")
+                    + f" | {_fmt(h.get('p50'))} / {_fmt(h.get('p99'))} "
+                    f"| {row['worker_cpu_share']:.0%} of a core | {others} cores"
+                    f"{' **BUSY**' if _busy(row) else ''} |")
         lines += [
             "",
             "insert->commit: from the reading's INSERT statement start (`inserted_at`) to the "
@@ -215,8 +303,11 @@ def summary(r: dict[str, Any]) -> str:
             "per reading; it includes the writer's own statement and commit. reading commit->"
             "prediction commit: from when the reading became visible. histogram: the worker's "
             "own `sensor_prediction_latency_seconds`, scraped before/after, bucket-interpolated. "
-            "bare NOTIFY floor: reading commit -> arrival of its statement's NOTIFY at a listener "
-            "in the bench that does nothing else (what any NOTIFY-driven consumer waits for). "
+            "floor: `bench/floor.py`, a minimal durable NOTIFY consumer (one transaction per "
+            "wake-up: lock a cursor row, read float8[] features, predict with numpy, COPY the "
+            "predictions, move the cursor, commit) in its own database cloned from the same "
+            "template, fed by the same producer right after ours, notified by its own statement "
+            "trigger (the product's is disabled there). "
             "other processes: CPU used on this shared 2-core machine by processes that are not "
             "this bench, its PostgreSQL or the worker.",
         ]
@@ -363,11 +454,13 @@ def plot(r: dict[str, Any], path: Path) -> None:
         if not key.startswith("steady_"):
             continue
         c = colours.get(key)
-        for kind, style, what in (
-                ("insert_to_commit", "-", "INSERT start -> prediction commit"),
-                ("visible_to_commit", ":", "reading commit -> prediction commit"),
-                ("notify_floor", "-.", "reading commit -> bare NOTIFY arrives (floor)")):
-            pts = s["cdf_ms"].get(kind)
+        fl = live.get("floor_" + key.split("_")[1])
+        for kind, style, what, src in (
+                ("insert_to_commit", "-", "INSERT start -> prediction commit", s),
+                ("visible_to_commit", ":", "reading commit -> prediction commit", s),
+                ("visible_to_commit", "-.", "the floor (bench/floor.py): reading commit -> "
+                 "prediction commit", fl)):
+            pts = src["cdf_ms"].get(kind) if src else None
             if pts:
                 ax.plot([max(p[0], 0.01) for p in pts], [p[1] for p in pts], style, color=c,
                         lw=1.6 if kind == "insert_to_commit" else 1.1,

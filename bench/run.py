@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 import asyncpg
 import numpy as np
 
-from bench import load, old_design
+from bench import floor, load, old_design
 from bench.cluster import SERVER_SETTINGS, start_cluster, stop_cluster
 from bench.cpu import CpuMeter
 from sensor_predictor.config import load_settings
@@ -60,12 +60,17 @@ TMP = ROOT / "bench" / ".tmp"
 # Readings not scored yet (waiting, or handed out and unwritten): the product's own named query,
 # whatever the claim protocol behind it. The bench never names the claim tables itself.
 BACKLOG_SQL = queries()["backlog"]
+FLOOR_DB = "floor"  # the floor consumer's own database (bench/floor.py)
 
 TARGETS = {  # issue 10, and the earlier ones still standing
     "drain_vs_ceiling": 0.8,  # the drain at the worker's default settings
     "replicas_2_over_1": 1.4,  # two worker processes vs one, default settings
     "visible_p50_ms_at_1k": 3.0,  # reading visible -> prediction commit
     "visible_p99_ms_at_1k": 8.0,
+    # issue 22: ours / the floor (bench/floor.py) in the same run, at every steady rate
+    "floor_p50_ratio": 1.5,
+    "floor_p99_ratio": 3.0,
+    "sustained_vs_limit": 0.85,  # the step-up's bounded rate / 1 / (1/P + 1/D)
     "sustained_rate": 30_000,  # highest offered rate with the backlog bounded
     "restart_median_s": 1.5,  # SIGKILL -> first prediction of the restarted worker
     "foreign_within_1s_share": 0.99,  # write transaction open in another database
@@ -473,12 +478,27 @@ class Bench:
         conn = await self.new_db(name)
         w = self.start_worker(name, name)  # the defaults: batch 100, 2 lanes
         out: dict[str, Any] = {}
+        # The floor (bench/floor.py): a minimal durable NOTIFY consumer on a database of its
+        # own, same template, same producer; each steady rate runs on both, ours first.
+        floor_conn = await self.new_db(FLOOR_DB)
+        disabled = await floor.prepare(floor_conn)
+        fc = await floor.FloorProcess(self.dsn(FLOOR_DB)).start()
         try:
             out["worker_ready_s"] = round(await w.seconds_to_ready(), 2)
             await load.produce(self.dsn(name), self.steady_producer, 1000, 3)  # warm-up
             await wait_drained(conn)
+            await load.produce(self.dsn(FLOOR_DB), self.steady_producer, 1000, 3)
+            await wait_floor_drained(floor_conn)
+            out["floor_disabled_triggers"] = disabled
             for rate in self.args.steady_rates:
                 out[f"steady_{rate}"] = await self.steady(conn, w, name, rate)
+                out[f"floor_{rate}"] = await self.steady(floor_conn, None, FLOOR_DB, rate,
+                                                         floor_pid=fc.pid)
+                out[f"steady_{rate}"]["vs_floor"] = vs_floor(out[f"steady_{rate}"],
+                                                             out[f"floor_{rate}"])
+            await fc.stop()
+            await floor_conn.close()
+            await self.drop_db(FLOOR_DB)
             if "foreign" in self.phases:
                 out["foreign_transaction"] = await self.foreign_transaction(conn, w, name)
             out["swaps"] = await self.swaps(conn, w, name)
@@ -490,51 +510,52 @@ class Bench:
                 f"{eo['duplicated']}, still waiting {eo['still_waiting']:,}")
         finally:
             await w.astop()
+            await fc.stop()
             await conn.close()
+            if not floor_conn.is_closed():
+                await floor_conn.close()
             await self.drop_db(name)
         return out
 
-    async def steady(self, conn: asyncpg.Connection, w: WorkerProcess, db_name: str,
-                     rate: int) -> dict[str, Any]:
+    async def steady(self, conn: asyncpg.Connection, w: WorkerProcess | None, db_name: str,
+                     rate: int, floor_pid: int | None = None) -> dict[str, Any]:
+        """`rate` readings/s for --steady-seconds into db_name, scored by the worker `w`, or
+        (w None) by the floor consumer (bench/floor.py, process floor_pid) in its database."""
         lo = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
-        before = await w.ascrape()
-        cpu0 = w.cpu_seconds()
+        before = await w.ascrape() if w is not None else None
+        if w is None:
+            self.cpu.worker_pid = floor_pid  # the consumer's CPU is counted as the worker's
+        cpu0 = w.cpu_seconds() if w is not None else self._pid_cpu(floor_pid)
         snap0 = self.cpu.snapshot()
         backlog: list[int] = []
         stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_backlog(self.dsn(db_name), backlog, stop))
-        # The floor: a listener that does nothing but note when each statement's NOTIFY
-        # arrives (the wake-up every NOTIFY-driven consumer waits for), in the same process
-        # and conditions as the producer.
-        notified: list[float] = []
-        listener = await asyncpg.connect(**self.dsn(db_name))
-        await listener.add_listener("sensor_readings",
-                                    lambda *_: notified.append(time.time()))
+        sampler = (asyncio.create_task(sample_backlog(self.dsn(db_name), backlog, stop))
+                   if w is not None else None)
         prod = await load.produce(self.dsn(db_name), self.steady_producer, rate,
                                   self.args.steady_seconds,
                                   connections=1 if rate <= 10_000 else 2)
         machine_cpu = self.cpu.delta(snap0, self.cpu.snapshot())
         stop.set()
-        await sampler
-        drain_wait = await wait_drained(conn)
-        await listener.close()
-        cpu = w.cpu_seconds() - cpu0
-        after = await w.ascrape()
+        if sampler is not None:
+            await sampler
+        drain_wait = (await wait_drained(conn) if w is not None
+                      else await wait_floor_drained(conn))
+        cpu = (w.cpu_seconds() if w is not None else self._pid_cpu(floor_pid)) - cpu0
+        if w is None:
+            self.cpu.worker_pid = None
+        after = await w.ascrape() if w is not None else None
         hi = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM readings")
         lat = await latencies(conn, lo, hi)
-        commits = [r[0].timestamp() for r in await conn.fetch(
-            "SELECT DISTINCT pg_xact_commit_timestamp(xmin) FROM readings"
-            " WHERE id > $1 AND id <= $2 ORDER BY 1", lo, hi)]
-        if len(commits) == len(notified):  # one NOTIFY per statement, in commit order
-            lat["notify_floor"] = np.asarray(notified) - np.asarray(commits)
         out = {
+            "consumer": "worker" if w is not None else "floor",
             "target_rate": rate, "produced": prod.rows, "produced_rate": round(prod.rate),
             "producer_max_behind_s": round(prod.max_behind_s, 3),
             "seconds": round(prod.seconds, 2),
             "latency_ms": {k: summarize(v * 1000) for k, v in lat.items()},
             "histogram_ms": {f"p{int(q * 100)}": round(v * 1000, 2) if v is not None else None
                              for q in (0.5, 0.95, 0.99)
-                             for v in [quantile_between(q, before, after)]},
+                             for v in [quantile_between(q, before, after)
+                                       if before is not None and after is not None else None]},
             "backlog_max": max(backlog) if backlog else None,
             "drain_after_s": _round(drain_wait),
             "worker_cpu_share": round(cpu / prod.seconds, 3),
@@ -544,13 +565,24 @@ class Bench:
         li = out["latency_ms"]["insert_to_commit"]
         lv = out["latency_ms"]["visible_to_commit"]
         lw = out["latency_ms"]["insert_to_visible"]
-        say(f"steady {rate}/s: produced {out['produced_rate']}/s, insert->prediction commit "
-            f"p50 {li['p50']} p95 {li['p95']} p99 {li['p99']} ms = insert->visible p50 "
+        say(f"steady {rate}/s ({out['consumer']}): produced {out['produced_rate']}/s, "
+            f"insert->prediction commit p50 {li['p50']} p95 {li['p95']} p99 {li['p99']} ms = "
+            f"insert->visible p50 "
             f"{lw.get('p50')} p99 {lw.get('p99')} + visible->commit p50 {lv.get('p50')} p99 "
             f"{lv.get('p99')} ms (histogram p50 "
             f"{out['histogram_ms']['p50']} p99 {out['histogram_ms']['p99']}), worker CPU "
             f"{out['worker_cpu_share']:.0%}; cores: {machine_cpu}")
         return out
+
+    @staticmethod
+    def _pid_cpu(pid: int | None) -> float:
+        """CPU seconds (user + system) of a process so far; 0 when it is gone."""
+        if pid is None:
+            return 0.0
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0
 
     async def swaps(self, conn: asyncpg.Connection, w: WorkerProcess, db_name: str
                     ) -> dict[str, Any]:
@@ -1087,6 +1119,29 @@ async def wait_drained(
         await asyncio.sleep(0.02)
     say(f"backlog not drained in {timeout} s: {await conn.fetchval(BACKLOG_SQL):,} left")
     return None
+
+
+async def wait_floor_drained(
+    conn: asyncpg.Connection,
+    timeout: float = 60,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
+) -> float | None:
+    """wait_drained for the floor consumer: until its cursor is at the last reading."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if await conn.fetchval("SELECT (SELECT last_id FROM bench_floor_cursor) >= "
+                               "(SELECT COALESCE(max(id), 0) FROM readings)"):
+            return time.monotonic() - t0
+        await asyncio.sleep(0.02)
+    say(f"the floor consumer did not catch up in {timeout} s")
+    return None
+
+
+def vs_floor(ours: dict[str, Any], fl: dict[str, Any]) -> dict[str, float | None]:
+    """Ours / the floor's reading visible -> prediction commit, at p50 and p99 (same run, same
+    rate, same producer)."""
+    a, b = ours["latency_ms"]["visible_to_commit"], fl["latency_ms"]["visible_to_commit"]
+    return {f"{q}_ratio": (round(a[q] / b[q], 2) if a.get(q) and b.get(q) else None)
+            for q in ("p50", "p99")}
 
 
 def _round(v: float | None, nd: int = 3) -> float | None:

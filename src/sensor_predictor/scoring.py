@@ -74,6 +74,8 @@ class BatchResult:
     """Their features (what a shadow candidate reading the same features scores)."""
     distances: npt.NDArray[np.float64] | None = None
     """Each prediction's distance to its nearest centre (the outlier share's input)."""
+    write_seconds: float = 0.0
+    """Of duration, the result statement (write, claim deleted, commit and its flush)."""
 
     @property
     def cluster_ids(self) -> npt.NDArray[np.int64]:
@@ -289,6 +291,7 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     # scored exactly once: a crash before the commit leaves the claim for someone to redo,
     # and a worker that finds it already gone writes nothing.
     conflicts = 0
+    writing = time.perf_counter()
     try:
         taken = await conn.fetchval(db.queries()["write_claim"], *args)
     except asyncpg.UniqueViolationError:
@@ -304,4 +307,5 @@ async def score_claim(conn: asyncpg.Connection, claim: Claim, model: LoadedModel
     latencies = np.asarray(ages, dtype=np.float64) + (committed - started)
     return BatchResult(model=model, labels=labels, bad=bad, latencies=latencies,
                        duration=committed - started, slow_path=slow, conflicts=conflicts,
-                       stable=stable, ids=ids, matrix=matrix, distances=distances)
+                       stable=stable, ids=ids, matrix=matrix, distances=distances,
+                       write_seconds=committed - writing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -75,6 +76,11 @@ CLEANUP_RESERVE_SECONDS = 2.0
 # kills the process) is scored in isolation at once (the dead-letter rule, docs/faults.md).
 DEAD_LETTER_TAKEOVERS = 2
 HEALTH_TICK_SECONDS = 1.0
+# A pass starts with one lane; the others join when it is behind (a second claim in the pass
+# found work), when a wake-up comes during the pass (its readings are claimed while the first
+# lane writes and flushes), or when the first lane is still busy after this long (a slow batch
+# never holds the rest of the stream). Caught up, a wake-up costs one claim, not one per lane.
+LANE_JOIN_SECONDS = 0.05
 # Retry delays (seconds): the first, and the ceiling they double up to.
 CONNECT_BACKOFF = (0.2, 5.0)  # the database is not reachable at the start
 CONFIG_BACKOFF = (0.2, 30.0)  # a configuration error: it heals only when someone fixes it
@@ -83,6 +89,10 @@ LISTEN_PROBE_CHANNEL = "sensor_listen_probe"
 LISTEN_PROBE_SECONDS = 3.0
 EXIT_CONFIG = 2
 RETRY_BACKOFF = (0.1, 5.0)  # a pass failed (database gone, a batch failed)
+# A debugging aid, not a setting: SENSOR_PREDICTOR_LATENCY_TRACE=1 logs one `latency_trace`
+# line per batch with the wall-clock times of its wake-up, claim and write (docs/performance.md
+# tells how to read them against the readings' commit timestamps). Off: one boolean test.
+LATENCY_TRACE = os.environ.get("SENSOR_PREDICTOR_LATENCY_TRACE", "") not in ("", "0")
 
 
 class Worker:
@@ -110,6 +120,7 @@ class Worker:
         self.db_problem: Cause | None = None
         self.metrics_server = MetricsServer(self.metrics, self.readiness)
         self._wake = asyncio.Event()
+        self._behind = asyncio.Event()  # a lane of this pass found more than one claim's work
         self._model_event = asyncio.Event()
         self._stopping = asyncio.Event()
         # Set when the listen connection comes back: the database is reachable again.
@@ -137,6 +148,10 @@ class Worker:
         self._watchdog: threading.Timer | None = None
         self._arm_watchdog = False
         self.exit_code = 0
+        # LATENCY_TRACE: notification arrivals not yet served, and the pass now running's
+        # (first arrival, start).
+        self._trace_wakes: list[float] = []
+        self._trace_pass: tuple[float | None, float] = (None, 0.0)
         self.metrics.drift_threshold.set({}, settings.drift_threshold)
         self.metrics.drift_p_value_threshold.set({}, settings.drift_p_value)
 
@@ -163,6 +178,8 @@ class Worker:
         self._wake.set()
 
     def _notified_readings(self) -> None:
+        if LATENCY_TRACE:
+            self._trace_wakes.append(time.time())
         self.wake("notification")
 
     def _notified_model(self) -> None:
@@ -612,6 +629,10 @@ class Worker:
                 log.error("drift_start_failed", model_version=model.version,
                           error=faults.describe(exc), exc_info=exc)
             self.wake("model")
+            # What start-up and the model built stays for the process's life: out of the
+            # collector's way (a full collection walks every tracked object on the event loop:
+            # 40 ms here for the worker alone, 170-190 ms after the warm-up's imports).
+            gc.freeze()
             if self._warm_up is None:
                 self._warm_up = asyncio.create_task(self._warm_up_imports(), name="warm-up")
                 self._tasks.append(self._warm_up)
@@ -682,8 +703,10 @@ class Worker:
                 break
             self._wake.clear()
             self._reconnected.clear()
-            lanes = [self._lane() for _ in range(self.settings.prediction_concurrency)]
-            outcomes = await asyncio.gather(*lanes, return_exceptions=True)
+            if LATENCY_TRACE:
+                first = self._trace_wakes[0] if self._trace_wakes else None
+                self._trace_pass, self._trace_wakes = (first, time.time()), []
+            outcomes = await self._run_lanes()
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
@@ -729,6 +752,32 @@ class Worker:
             backoff = retry_backoff(backoff, reconnected=self._reconnected.is_set())
             self.wake("retry")
 
+    async def _run_lanes(self) -> list[Any]:
+        """One pass: the first lane at once, the others when they can help (LANE_JOIN_SECONDS);
+        their outcomes (an exception for a lane that failed)."""
+        self._behind.clear()
+        tasks = [asyncio.ensure_future(self._lane())]
+        try:
+            if self.settings.prediction_concurrency > 1:
+                behind = asyncio.ensure_future(self._behind.wait())
+                woken = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({tasks[0], behind, woken}, timeout=LANE_JOIN_SECONDS,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    behind.cancel()
+                    woken.cancel()
+                if not tasks[0].done():
+                    if self._wake.is_set() and not self._stopping.is_set():
+                        # Served by the lanes starting now: each claims after this wake-up.
+                        self._wake.clear()
+                    tasks += [asyncio.ensure_future(self._lane())
+                              for _ in range(self.settings.prediction_concurrency - 1)]
+            return list(await asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            for task in tasks:  # cancelled (a shutdown): the lanes with it
+                task.cancel()
+
     async def _lane(self) -> None:
         """Claim and score batches until none is left (or shutdown); one of several in parallel."""
         assert self.pool is not None
@@ -749,15 +798,18 @@ class Worker:
                     # wake-up's readings never wait for them.
                     if scored and self._orphans:
                         claim, own = await self._take_orphan(conn, own)
+                    claim_sent = time.time() if LATENCY_TRACE else 0.0
                     if claim is None:
                         # Caught up, the read comes with the claim (one round trip less, for
                         # latency); behind, it comes after the claim's commit, so that the
                         # cursor row is not locked while a large batch is read and other lanes
                         # can claim.
                         handed = (await claim_and_read(conn, self.name, size, model, own)
-                                  if size <= self.settings.prediction_batch_size
+                                  if size <= 2 * self.settings.prediction_batch_size
                                   else await claim_next(conn, self.name, size, own))
                         own = replace(own, release=None)
+                        if (scored and handed is not None) or handed is PROGRESS:
+                            self._behind.set()  # more than one claim's work: the others join
                         if handed is PROGRESS:  # only already-scored rows: behind
                             size = next_batch_size(size, size,
                                                    self.settings.prediction_batch_size)
@@ -771,6 +823,7 @@ class Worker:
                         else:
                             assert isinstance(handed, Claim)
                             claim = handed
+                    claim_back = time.time() if LATENCY_TRACE else 0.0
                     self._in_flight[claim.claim_id] += 1
                     try:
                         result = await self._score(conn, claim, model)
@@ -784,9 +837,16 @@ class Worker:
                     if result is None:
                         self._late(claim)
                         continue
+                    if LATENCY_TRACE:
+                        self._trace(claim, result, claim_sent, claim_back)
                     self._record(result)
                     size = next_batch_size(size, size if claim.full else result.size,
                                            self.settings.prediction_batch_size)
+                    if not claim.full and claim.previous_worker is None and not self._orphans:
+                        # The claim handed out the cursor's whole interval: whatever commits
+                        # after its snapshot notifies (a wake-up, served by the next pass). A
+                        # claim now would find nothing, at a claim's cost to the server.
+                        return
             finally:
                 if own.release is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
@@ -831,6 +891,17 @@ class Worker:
                     readings=len(claim.reading_ids), previous_worker=claim.previous_worker,
                     claim_age_s=round(age, 3))
         return claim, own
+
+    def _trace(self, claim: Claim, result: BatchResult, claim_sent: float,
+               claim_back: float) -> None:
+        """One batch's life in wall-clock seconds (LATENCY_TRACE): the first notification the
+        pass served, the pass's start, the claim (with its read) sent and answered, the result
+        statement sent and committed."""
+        done = time.time()
+        notified, pass_start = self._trace_pass
+        log.info("latency_trace", first_id=min(claim.reading_ids), rows=result.size,
+                 notified=notified, pass_start=pass_start, claim_sent=claim_sent,
+                 claim_back=claim_back, write_sent=done - result.write_seconds, committed=done)
 
     def _late(self, claim: Claim) -> None:
         """The claim was taken over (or written) by another while we scored it: our results
@@ -924,6 +995,7 @@ def _import_model_libraries() -> None:
     except Exception as exc:  # nothing depends on it: a later fetch imports them anyway
         log.warning("warm_up_failed", error=f"{type(exc).__name__}: {exc}")
         return
+    gc.freeze()  # the imports' objects too (see _model_changed)
     log.info("warm_up_done", ms=round((time.perf_counter() - started) * 1000))
 
 
