@@ -28,6 +28,7 @@ import structlog
 from sensor_predictor import connect_errors, db, faults, widen_ids
 from sensor_predictor.config import Settings
 from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
+from sensor_predictor.doorbell import Doorbell
 from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
@@ -109,6 +110,8 @@ class Worker:
         # Why the database cannot be used now, while the start-up connection is retried.
         self.db_problem: Cause | None = None
         self.metrics_server = MetricsServer(self.metrics, self.readiness)
+        # Writers notify only while this worker may be asleep (doorbell.py); none in POLL_ONLY.
+        self.doorbell = None if settings.poll_only else Doorbell(settings, self.wake)
         self._wake = asyncio.Event()
         self._model_event = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -321,6 +324,8 @@ class Worker:
                 self._listening(True)
             else:
                 self._tasks.append(self._supervised("listener", self.listener.run))
+            if self.doorbell is not None:
+                self._tasks.append(self._supervised("doorbell", self.doorbell.run))
             await self._drain_until_stopped()
         finally:
             await self._shutdown()
@@ -682,9 +687,12 @@ class Worker:
                 break
             self._wake.clear()
             self._reconnected.clear()
+            bell = self.doorbell.pass_starts() if self.doorbell is not None else None  # doorbell
             lanes = [self._lane() for _ in range(self.settings.prediction_concurrency)]
             outcomes = await asyncio.gather(*lanes, return_exceptions=True)
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if self.doorbell is not None:  # doorbell: arm again (or keep it: this pass looked)
+                self.doorbell.pass_ends(bell, ok=failure is None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
                 if self.db_problem is not None or "drain" in self.health.down:
