@@ -147,17 +147,17 @@ class Doorbell:
                         if not standby:
                             # A standby waits here while another worker holds the bell.
                             await self._until_lost(conn.execute(
-                                "SELECT pg_advisory_lock($1, $2)", BELL_CLASS, STANDBY_KEY))
+                                db.queries()["doorbell_lock"], BELL_CLASS, STANDBY_KEY))
                             standby = True
                         await self._until_lost(conn.execute(
-                            "SELECT pg_advisory_lock($1, $2)", BELL_CLASS, BELL_KEY))
+                            db.queries()["doorbell_lock"], BELL_CLASS, BELL_KEY))
                         self.state.held, self.state.looked = True, False
                         self.state.grant += 1
                         self._wake("doorbell")
                         continue
                     if self.state.held and not self.state.want:
                         await self._until_lost(conn.execute(
-                            "SELECT pg_advisory_unlock($1, $2)", BELL_CLASS, BELL_KEY))
+                            db.queries()["doorbell_unlock"], BELL_CLASS, BELL_KEY))
                         self.state.held = False
                         continue
                     self._changed.clear()

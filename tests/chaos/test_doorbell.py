@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.doorbell import BELL_CLASS, BELL_KEY, STANDBY_KEY
 from sensor_predictor.training import activate_model
 from tests.support.chaos import check_invariant, served, unscored, wait_settled
@@ -61,6 +62,16 @@ def _all_scored(conn: asyncpg.Connection, up_to: int | None = None
     return check
 
 
+def _doorbell_wakeups(worker: WorkerProcess) -> float:
+    return worker.metric("sensor_wakeups_total", 'cause="doorbell"') or 0.0
+
+
+def _at_least(worker: WorkerProcess, n: float) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await asyncio.to_thread(_doorbell_wakeups, worker) >= n
+    return check
+
+
 class Heard:
     """A LISTEN session of the test's own: how many notifications the writers sent."""
 
@@ -104,9 +115,12 @@ async def test_writers_notify_only_while_the_worker_sleeps_and_nothing_waits(
         # Asleep: every writer transaction rings (a worker armed holds the bell).
         idle = []
         for k in range(5):
+            rearmed = _doorbell_wakeups(worker) + 1
             idle += await _one_per_transaction(writers[0], machine, 1, 10 * k)
-            await wait_for(lambda: _armed(conn), timeout=5)
-        assert await wait_for(_all_scored(conn), timeout=5)
+            # Scored, and armed again since (the grant's look): asleep before the next one.
+            assert await wait_for(_all_scored(conn), timeout=PROMPT_SECONDS)
+            await wait_for(_at_least(worker, rearmed), timeout=2)
+            assert await _armed(conn)
         await asyncio.sleep(0.1)
         assert heard.count == len(idle) == 5, heard.count
 
@@ -125,7 +139,7 @@ async def test_writers_notify_only_while_the_worker_sleeps_and_nothing_waits(
         # Bursts that let the worker sleep and wake again and again, with writers that hold
         # their transaction open after the INSERT: none of their readings waits past
         # PROMPT_SECONDS after its commit (the poll is 300 s away).
-        assert await wait_for(_all_scored(conn), timeout=60)
+        assert await wait_for(_all_scored(conn), timeout=20), "readings wait for the poll"
         committed: list[tuple[int, float]] = []
         late: list[tuple[int, float]] = []
 
@@ -156,7 +170,7 @@ async def test_writers_notify_only_while_the_worker_sleeps_and_nothing_waits(
         stop.set()
         await asyncio.wait_for(watcher, 10)
         assert not late, (late[:10], worker.logs()[-3000:])
-        doorbell_wakeups = worker.metric("sensor_wakeups_total", 'cause="doorbell"') or 0
+        doorbell_wakeups = _doorbell_wakeups(worker)
         assert doorbell_wakeups >= 5, doorbell_wakeups  # it slept and re-armed many times
     finally:
         for c in (*writers, listener):
