@@ -17,7 +17,9 @@ Several workers: the bell's holder also holds the standby lock (key 3), and the 
 that one, not for the bell: a queued request for the bell would make every writer notify while
 the holder drains. Asleep, a standby is covered by the holder (the holder arms and looks again
 after each of its passes); if the holder's session ends (killed, its connection lost), a
-standby gets the standby lock, then the bell, looks once more, and sleeps armed.
+standby gets the standby lock, then the bell, looks once more, and sleeps armed. A pass that
+lasts (more than HELP_SECONDS) notifies from the doorbell session, every HELP_SECONDS: the
+standbys wake and drain along, as they did when every writer notified.
 
 The bell lives on a session of its own: a session waiting for a lock is inside a statement, and
 PostgreSQL delivers notifications only between transactions, so it cannot be the listen
@@ -49,6 +51,10 @@ BELL_KEY = 2
 STANDBY_KEY = 3
 # Reconnecting the doorbell session: the first delay and the ceiling it doubles up to.
 RECONNECT_BACKOFF = (0.1, 5.0)
+# A pass still running after this long (a backlog, a stream faster than one worker) notifies
+# once, and again as often while it runs: the writers do not notify while the bell's holder is
+# awake, and the standbys asleep would not hear of the work otherwise.
+HELP_SECONDS = 0.25
 
 
 @dataclass
@@ -104,17 +110,32 @@ class Doorbell:
         self._changed = asyncio.Event()
         self._lost = asyncio.Event()
         self.connected = False
+        self._help = False  # a pass lasts: notify, to wake the standbys
+        self._helper: asyncio.Task[None] | None = None
 
     # -- the drain loop's calls (no I/O: the session's task acts on them) ---------------------
 
     def pass_starts(self) -> int | None:
         started = pass_starts(self.state)
         self._changed.set()
+        if self._helper is None or self._helper.done():
+            self._helper = asyncio.create_task(self._ask_for_help(), name="doorbell-help")
         return started
 
     def pass_ends(self, started_under: int | None, ok: bool) -> None:
         pass_ends(self.state, started_under, ok)
+        if self._helper is not None:
+            self._helper.cancel()
+            self._helper = None
+        self._help = False
         self._changed.set()
+
+    async def _ask_for_help(self) -> None:
+        """While the pass runs: every HELP_SECONDS, a notification (from the session's loop)."""
+        while True:
+            await asyncio.sleep(HELP_SECONDS)
+            self._help = True
+            self._changed.set()
 
     # -- the session --------------------------------------------------------------------------
 
@@ -159,6 +180,11 @@ class Doorbell:
                         await self._until_lost(conn.execute(
                             db.queries()["doorbell_unlock"], BELL_CLASS, BELL_KEY))
                         self.state.held = False
+                        continue
+                    if self._help:
+                        self._help = False
+                        if not self.state.held:  # held: the writers notify already
+                            await self._until_lost(conn.execute(db.queries()["doorbell_help"]))
                         continue
                     self._changed.clear()
                     await _first(self._changed.wait(), self._lost.wait())

@@ -602,3 +602,7 @@ SELECT pg_advisory_lock($1, $2);
 -- name: doorbell_unlock
 -- The bell given up at the start of a pass (writers stop notifying while the worker drains).
 SELECT pg_advisory_unlock($1, $2);
+
+-- name: doorbell_help
+-- A pass that lasts wakes the other workers (the writers do not notify while it drains).
+SELECT pg_notify('sensor_readings', '');
