@@ -18,7 +18,9 @@ Variants, alternated within each round, medians over the rounds:
                       work on the same 2 cores, no wake-up mechanism (the reference for the
                       two above)
     none_bursts       no trigger, no worker; the writers in bursts (pgbench -T 1) with 0.3 s
-                      pauses (the reference for the two below)
+                      pauses
+    poll_bursts       no trigger, a POLL_ONLY worker (0.05 s), the writers in bursts: the
+                      reference for the two below (the same scoring work on the same cores)
     doorbell_bursts   0013, a worker, the writers in bursts: the worker drains, arms and sleeps
                       between them (tps within the bursts)
     always_bursts     the same with 0001's trigger
@@ -55,10 +57,11 @@ from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.migrate import migrate
 
 VARIANTS = ("none", "always", "doorbell", "doorbell_armed", "poll_worker", "always_worker",
-            "doorbell_worker", "none_bursts", "always_bursts", "doorbell_bursts")
+            "doorbell_worker", "none_bursts", "poll_bursts", "always_bursts", "doorbell_bursts")
 REFERENCE = {"always": "none", "doorbell": "none", "doorbell_armed": "none",
              "always_worker": "poll_worker", "doorbell_worker": "poll_worker",
-             "always_bursts": "none_bursts", "doorbell_bursts": "none_bursts"}
+             "always_bursts": "poll_bursts", "doorbell_bursts": "poll_bursts",
+             "poll_bursts": "none_bursts"}
 BELL = (21329, 2)  # migrations/0013_doorbell.sql
 ALWAYS = ("CREATE TRIGGER readings_notify AFTER INSERT ON readings FOR EACH STATEMENT"
           " EXECUTE FUNCTION sp_notify_readings()")
@@ -199,7 +202,7 @@ class WriterBench:
             if variant == "doorbell_armed":
                 holder = await self.server.connect(name)
                 await holder.execute("SELECT pg_advisory_lock($1, $2)", *BELL)
-            if variant == "poll_worker":
+            if variant in ("poll_worker", "poll_bursts"):
                 worker = self.worker(name, POLL_ONLY="true", INFERENCE_INTERVAL_SECONDS="0.05")
             elif variant.endswith("_worker") or variant in ("always_bursts", "doorbell_bursts"):
                 worker = self.worker(name)
