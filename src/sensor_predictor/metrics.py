@@ -22,9 +22,10 @@ from aioprometheus.renderer import render
 from sensor_predictor.features import REASONS as BAD_READING_REASONS
 from sensor_predictor.model_types import LOAD_FAILURE_REASONS as MODEL_LOAD_FAILURE_REASONS
 
-WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry", "orphan")
+WAKEUP_CAUSES = ("startup", "notification", "poll", "reconnect", "model", "retry", "orphan",
+                 "doorbell")
 SUPERVISED_TASKS = ("listener", "model", "poll", "backlog", "shadow", "drift-writer", "health",
-                    "orphans", "leases")
+                    "orphans", "leases", "doorbell")
 SHADOW_FAILURE_REASONS = (*MODEL_LOAD_FAILURE_REASONS, "score_failed", "write_failed",
                           "queue_full")
 

@@ -29,6 +29,7 @@ import structlog
 from sensor_predictor import connect_errors, db, faults, widen_ids
 from sensor_predictor.config import Settings
 from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
+from sensor_predictor.doorbell import Doorbell
 from sensor_predictor.drift_monitor import DriftMonitor
 from sensor_predictor.listener import Listener
 from sensor_predictor.metrics import Metrics, MetricsServer
@@ -119,6 +120,8 @@ class Worker:
         # Why the database cannot be used now, while the start-up connection is retried.
         self.db_problem: Cause | None = None
         self.metrics_server = MetricsServer(self.metrics, self.readiness)
+        # Writers notify only while this worker may be asleep (doorbell.py); none in POLL_ONLY.
+        self.doorbell = None if settings.poll_only else Doorbell(settings, self.wake)
         self._wake = asyncio.Event()
         self._behind = asyncio.Event()  # a lane of this pass found more than one claim's work
         self._model_event = asyncio.Event()
@@ -338,6 +341,8 @@ class Worker:
                 self._listening(True)
             else:
                 self._tasks.append(self._supervised("listener", self.listener.run))
+            if self.doorbell is not None:
+                self._tasks.append(self._supervised("doorbell", self.doorbell.run))
             await self._drain_until_stopped()
         finally:
             await self._shutdown()
@@ -706,8 +711,11 @@ class Worker:
             if LATENCY_TRACE:
                 first = self._trace_wakes[0] if self._trace_wakes else None
                 self._trace_pass, self._trace_wakes = (first, time.time()), []
+            bell = self.doorbell.pass_starts() if self.doorbell is not None else None  # doorbell
             outcomes = await self._run_lanes()
             failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if self.doorbell is not None:  # doorbell: arm again (or keep it: this pass looked)
+                self.doorbell.pass_ends(bell, ok=failure is None)
             if failure is None:
                 backoff = RETRY_BACKOFF[0]
                 if self.db_problem is not None or "drain" in self.health.down:
@@ -929,6 +937,10 @@ class Worker:
             await asyncio.sleep(ORPHAN_CHECK_SECONDS)
             if self.holder.current is None:
                 continue
+            if self.doorbell is not None and not self.doorbell.connected:
+                # No doorbell session (it cannot connect): this worker cannot arm, and writers
+                # notify only while someone is armed. Look at this timer's pace, not the poll's.
+                self.wake("doorbell")
             now = time.monotonic()
             if now >= full_at:
                 after, known, full_at = 0, [], now + ORPHAN_FULL_LOOK_SECONDS

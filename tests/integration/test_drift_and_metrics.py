@@ -15,6 +15,7 @@ from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.simulator import Simulator
 from sensor_predictor.training import activate_model
+from tests.support import doorbell
 from tests.support.fixtures import WorkerFactory
 from tests.support.models import Models
 from tests.support.readings import insert_readings
@@ -184,6 +185,7 @@ async def test_the_metrics_endpoint_over_http(
     await activate_model(conn, *models.v1)
     worker: WorkerProcess = worker_factory().start()
     await worker.until_ready()
+    assert await wait_for(lambda: doorbell.armed(conn), timeout=10)  # asleep: inserts notify
     await insert_readings(conn, [r.values for r in Simulator(10, seed=5).next_batch(50)])
     await insert_readings(conn, [{"Sensor 1": "broken"}])
     assert await wait_for(lambda: _scored(conn), timeout=10)

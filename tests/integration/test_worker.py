@@ -15,6 +15,7 @@ from sensor_predictor import db
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.training import activate_model
+from tests.support import doorbell
 from tests.support.databases import Database
 from tests.support.fixtures import WorkerFactory
 from tests.support.models import Models
@@ -43,6 +44,9 @@ async def test_notification_scores_within_milliseconds(
     await activate_model(conn, run_id, version)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="30").start()
     await worker.until_ready()
+    # Asleep (it holds the doorbell): the insert notifies (before that, its start-up look
+    # would find the readings without a notification).
+    assert await wait_for(lambda: doorbell.armed(conn), timeout=10)
 
     started = time.monotonic()
     ids = await insert_readings(conn, [reading(i) for i in range(10)])

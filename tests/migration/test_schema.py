@@ -85,14 +85,23 @@ async def test_the_old_writers_plain_insert_still_works(conn: asyncpg.Connection
 
 async def test_a_10000_row_insert_sends_one_small_notification(
         database: Database, conn: asyncpg.Connection) -> None:
+    """While a worker sleeps (it holds the bell of migration 0013), a 10,000-row insert sends
+    one empty notification; while none does (all awake, or none armed), writers do not notify
+    (docs/how-it-works.md, the doorbell)."""
     listener = await database.connect()
     received: list[tuple[str, str]] = []
     await listener.add_listener("sensor_readings", lambda *a: received.append((a[2], a[3])))
+    asleep = await database.connect()
     try:
+        await insert_readings(conn, [reading(i) for i in range(100)])
+        await asyncio.sleep(0.3)
+        assert received == []  # nobody armed: no notification
+        await asleep.execute("SELECT pg_advisory_lock(21329, 2)")
         await insert_readings(conn, [reading(i) for i in range(10_000)])
         await asyncio.sleep(0.5)
         assert received == [("sensor_readings", "")]
     finally:
+        await asleep.close()
         await listener.close()
 
 

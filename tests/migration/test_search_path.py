@@ -11,6 +11,7 @@ import pytest
 
 from sensor_predictor import db
 from sensor_predictor.training import activate_model, mark_candidate
+from tests.support.databases import Database
 from tests.support.readings import insert_readings, reading
 from tests.support.waiting import wait_for
 
@@ -33,7 +34,8 @@ async def test_every_function_of_ours_sets_search_path(conn: asyncpg.Connection)
                           f"{unfixed}"
 
 
-async def test_functions_ignore_a_hostile_search_path(conn: asyncpg.Connection) -> None:
+async def test_functions_ignore_a_hostile_search_path(database: Database,
+                                                      conn: asyncpg.Connection) -> None:
     """A schema first on the caller's path with look-alike tables: the triggers still notify
     and the claim function still hands out the real readings."""
     await conn.execute(
@@ -45,6 +47,9 @@ async def test_functions_ignore_a_hostile_search_path(conn: asyncpg.Connection) 
     await conn.add_listener("sensor_readings", lambda *a: notices.append(a[1]))
     ids = await insert_readings(conn, [reading(i) for i in range(5)])
     notices.clear()
+    # A worker asleep holds the bell (migration 0013), on a session of its own: writers notify.
+    asleep = await database.connect()
+    await asleep.execute("SELECT pg_advisory_lock(21329, 2)")
     try:
         await conn.execute("SET search_path = hostile, public")
         ids.append(await conn.fetchval(
@@ -66,6 +71,7 @@ async def test_functions_ignore_a_hostile_search_path(conn: asyncpg.Connection) 
         assert await conn.fetchval("SELECT sp_backlog()") is not None
     finally:
         await conn.execute("RESET ROLE; RESET search_path")
+        await asleep.close()
 
 
 async def test_trainer_and_simulator_roles_do_their_work_and_nothing_else(

@@ -593,3 +593,16 @@ SELECT phase FROM pg_stat_progress_create_index WHERE pid = $1;
 -- name: cluster_model_run
 -- The run whose stable-id mapping is stored under a version label (NULL: none yet).
 SELECT mlflow_run_id FROM cluster_models WHERE model_version = $1;
+
+-- name: doorbell_lock
+-- The doorbell's session locks (src/sensor_predictor/doorbell.py, migrations/0013_doorbell.sql):
+-- $1 = 21329, $2 = 2 (the bell) or 3 (the standby lock); waits until granted.
+SELECT pg_advisory_lock($1, $2);
+
+-- name: doorbell_unlock
+-- The bell given up at the start of a pass (writers stop notifying while the worker drains).
+SELECT pg_advisory_unlock($1, $2);
+
+-- name: doorbell_help
+-- A pass that lasts wakes the other workers (the writers do not notify while it drains).
+SELECT pg_notify('sensor_readings', '');
