@@ -88,6 +88,17 @@ def pass_starts(state: BellState) -> int | None:
     return state.grant
 
 
+def work_found(state: BellState) -> bool:
+    """A claim of the running pass handed out readings: the worker is awake. If the bell is
+    still held for this pass (the look after a grant), it is given up now: writers stop
+    notifying while the worker drains, and the end of the pass asks for it again (a new grant,
+    a new look). Returns whether that changed anything."""
+    if state.held and state.want:
+        state.want = False
+        return True
+    return False
+
+
 def pass_ends(state: BellState, started_under: int | None, ok: bool) -> bool:
     """A drain pass ended (ok: without error). The worker wants the bell again (it is caught up
     or about to sleep); a pass that started under the current grant and succeeded is the look
@@ -124,6 +135,10 @@ class Doorbell:
         if self._helper is None or self._helper.done():
             self._helper = asyncio.create_task(self._ask_for_help(), name="doorbell-help")
         return started
+
+    def work_found(self) -> None:
+        if work_found(self.state):
+            self._changed.set()
 
     def pass_ends(self, started_under: int | None, ok: bool) -> None:
         if pass_ends(self.state, started_under, ok):

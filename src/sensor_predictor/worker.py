@@ -831,6 +831,8 @@ class Worker:
                         else:
                             assert isinstance(handed, Claim)
                             claim = handed
+                            if self.doorbell is not None:  # doorbell: awake, not a mere look
+                                self.doorbell.work_found()
                     claim_back = time.time() if LATENCY_TRACE else 0.0
                     self._in_flight[claim.claim_id] += 1
                     try:
@@ -850,10 +852,15 @@ class Worker:
                     self._record(result)
                     size = next_batch_size(size, size if claim.full else result.size,
                                            self.settings.prediction_batch_size)
-                    if not claim.full and claim.previous_worker is None and not self._orphans:
-                        # The claim handed out the cursor's whole interval: whatever commits
-                        # after its snapshot notifies (a wake-up, served by the next pass). A
-                        # claim now would find nothing, at a claim's cost to the server.
+                    if (scored == 1 and not claim.full and claim.previous_worker is None
+                            and not self._orphans):
+                        # A caught-up wake-up: this pass's first claim handed out the cursor's
+                        # whole interval. A claim now would find nothing, at a claim's cost to
+                        # the server: the doorbell's look after its grant (doorbell.py) is the
+                        # one that makes sure, off this reading's path. Behind (several claims
+                        # in this pass), the lane goes on until a claim finds nothing: a pass
+                        # ending at every interval would ask for the bell, and writers notify
+                        # while the request waits and during the look.
                         return
             finally:
                 if own.release is not None and not conn.is_closed():

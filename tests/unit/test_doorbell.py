@@ -3,7 +3,7 @@ bell up, and which pass is the look after a grant that lets the worker sleep."""
 
 from __future__ import annotations
 
-from sensor_predictor.doorbell import BellState, pass_ends, pass_starts
+from sensor_predictor.doorbell import BellState, pass_ends, pass_starts, work_found
 
 
 def _granted(state: BellState) -> None:
@@ -58,3 +58,15 @@ def test_a_pass_under_an_older_grant_is_no_look() -> None:
     _granted(state)
     pass_ends(state, under, ok=True)
     assert not state.looked
+
+
+def test_a_look_that_finds_work_gives_the_bell_up_and_a_new_look_follows() -> None:
+    state = BellState(want=True)
+    _granted(state)
+    under = pass_starts(state)
+    assert under == state.grant and state.want  # the look: the bell is kept
+    assert work_found(state) and not state.want  # it found readings: awake, given up
+    state.held = False  # the session releases it
+    pass_ends(state, under, ok=True)
+    assert state.want and not state.looked  # asked for again; the next grant needs a look
+    assert not work_found(state)  # not held: nothing to give up
