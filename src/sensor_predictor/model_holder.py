@@ -4,7 +4,10 @@ What a model must be is in model_contract.py. Two layouts are served: ours (`run
 a Pipeline with ordered feature names) and the old trainer's (see legacy_model.py). A model made
 of a StandardScaler and a KMeans predicts with numpy alone (kmeans_kernel.py), and once verified
 it is kept in a local cache (model_cache.py), so a restarted worker serves it without importing
-MLflow or scikit-learn. Those two are imported only when a model must be fetched, in a thread.
+MLflow or scikit-learn. A model the cache does not hold is fetched by a child process
+(model_fetch.py, which runs `load_and_verify` there and hands back the model's numpy form), so
+the worker never imports them at all; `load_and_verify` runs in a thread of the worker only for
+a model without a numpy form, and in tools (rescore).
 The types it deals in (LoadedModel, ActiveRow, ModelLoadError, ...) live in model_types.py.
 
 Longer than most modules (about 380 lines): loading, verifying, the bookkeeping check, the
@@ -68,7 +71,7 @@ def load_and_verify(row: ActiveRow, model_name: str,
                     bookkeeping: Bookkeeping | None = None,
                     sources: SourcePolicy | None = None) -> LoadedModel:
     """Blocking: fetch the run's model from an allowed source (model_sources.py) and check it
-    can serve. Runs in a thread. Ours is read from its JSON artifact (no pickle); a run without
+    can serve. Runs in the fetch process (model_fetch_child.py), or a thread. Ours is read from its JSON artifact (no pickle); a run without
     one from its `model` (unpickled); a run with neither in the old trainer's layout."""
     mlflow = mlflow_module()
     policy = sources or SourcePolicy(str(mlflow.get_tracking_uri()))

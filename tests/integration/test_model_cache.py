@@ -59,11 +59,12 @@ async def test_a_restart_serves_the_cached_model_without_importing_scikit_learn(
     first = await insert_readings(conn, values)
     assert await wait_for(lambda: _scored(conn, first), timeout=10)
     assert [e["source"] for e in _events(cold, "model_swapped")] == ["mlflow"]
-    # The cold start read the run's JSON artifact (model_sources.py): no pickle, so no
-    # scikit-learn either, even when fetching from MLflow. numpy's own extension modules show
-    # that the check sees what a process imported.
+    # The cold start fetched the model in a child process (model_fetch.py): the worker has
+    # imported neither scikit-learn nor MLflow (whose import maps pandas' extensions). numpy's
+    # own extension modules show that the check sees what a process imported.
     cold_maps = _mapped_libraries(cold)
     assert "/numpy/" in cold_maps and "/sklearn/" not in cold_maps
+    assert "/pandas/" not in cold_maps
     assert cold.stop() == 0
     entries = list((tmp_path / "model-cache").glob("*.model.json"))
     assert len(entries) == 1
