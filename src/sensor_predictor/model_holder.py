@@ -71,8 +71,9 @@ def load_and_verify(row: ActiveRow, model_name: str,
                     bookkeeping: Bookkeeping | None = None,
                     sources: SourcePolicy | None = None) -> LoadedModel:
     """Blocking: fetch the run's model from an allowed source (model_sources.py) and check it
-    can serve. Runs in the fetch process (model_fetch_child.py), or a thread. Ours is read from its JSON artifact (no pickle); a run without
-    one from its `model` (unpickled); a run with neither in the old trainer's layout."""
+    can serve. Runs in the fetch process (model_fetch_child.py), or a thread. Ours is read
+    from its JSON artifact (no pickle); a run without one from its `model` (unpickled); a run
+    with neither in the old trainer's layout."""
     mlflow = mlflow_module()
     policy = sources or SourcePolicy(str(mlflow.get_tracking_uri()))
     uri = f"runs:/{row.run_id}/{MODEL_ARTIFACT}"

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import pytest
+import pytest_asyncio
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer
 from sensor_predictor.devtools.worker_process import WorkerProcess
@@ -43,7 +44,7 @@ class _Exits:
         return os._exit, (7,)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
     p = await asyncpg.create_pool(**database.server.kwargs(database.name), min_size=1,
                                   max_size=2)
