@@ -20,6 +20,7 @@ import pytest_asyncio
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer
 from sensor_predictor.devtools.worker_process import WorkerProcess
+from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_contract import LEGACY_SCALER_ARTIFACT
 from sensor_predictor.model_holder import ModelHolder
 from sensor_predictor.model_sources import SourcePolicy
@@ -111,12 +112,15 @@ def _log_exploding_legacy_run(store: MlflowServer) -> tuple[str, int]:
 
 
 async def test_a_fetch_that_crashes_is_a_load_failure_and_the_old_model_stays(
-        conn: asyncpg.Connection, pool: asyncpg.Pool, models: Models) -> None:
+        conn: asyncpg.Connection, pool: asyncpg.Pool, models: Models,
+        shared_model_cache: Path) -> None:
     exploding = await asyncio.to_thread(_log_exploding_legacy_run, models.store)
     reasons: list[str] = []
-    holder = ModelHolder("m", on_failure=reasons.append, sources=SourcePolicy(models.store.uri))
+    holder = ModelHolder("m", on_failure=reasons.append, sources=SourcePolicy(models.store.uri),
+                         cache=ModelCache(shared_model_cache, models.store.uri))
     await activate_model(conn, *models.v1)
-    assert await holder.refresh(pool)
+    assert await holder.refresh(pool)  # from the run's cache: no fetch process
+    assert holder.current is not None and holder.current.source == "cache"
     await activate_model(conn, *exploding)
     assert not await holder.refresh(pool)  # in this process, it would have ended the tests
     assert reasons == ["load_failed"]
