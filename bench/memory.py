@@ -152,6 +152,14 @@ class MemoryBench:
             say(f"{label}: ready from cache, RSS {out['after_start']['rss_mb']} MB; settling "
                 f"{self.args.settle:g} s")
             await asyncio.sleep(self.args.settle)
+            # The old worker's warm-up import may take longer than its 30 s delay on a busy
+            # machine: its steady state is after it (up to 3 minutes more).
+            for _ in range(360 if src is not None else 0):
+                if any(e.get("event") == "warm_up_done" for e in w.events()):
+                    break
+                await asyncio.sleep(0.5)
+            out["warm_up_done"] = next((e.get("ms") for e in w.events()
+                                        if e.get("event") == "warm_up_done"), None)
             out["steady"] = rss(w)
             out["drain"] = await self.drain(conn, w)
             out["steady_after_drain"] = rss(w)
