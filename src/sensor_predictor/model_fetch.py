@@ -13,7 +13,8 @@ any model: the feature check, the digest, the alignment, the cache (when MODEL_C
 `off`).
 
 What it costs: a swap to a model the cache does not hold waits for the child's start and its
-imports (2-6 s on 2 busy cores) besides the fetch itself. The old model is served meanwhile, as
+import of MLflow (about 10 s on our shared 2 cores at load 4-5, against 0.02 s for the fetch
+itself in a process that has imported MLflow already). The old model is served meanwhile, as
 during any load; a restart or a rollback to a cached model needs no child at all.
 
 Failures are load failures with a reason (model_types.py), and the old model stays served: the
