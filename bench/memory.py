@@ -244,6 +244,30 @@ class MemoryBench:
                 "load": load_avg()}
 
 
+def fetch_cost(uri: str, run_id: str, version: int, rounds: int = 3) -> dict[str, Any]:
+    """The fetch alone, alternated: in this process, which has imported MLflow (what the old
+    worker's warm path cost), against a fetch process (model_fetch.py: start, import, fetch)."""
+    from sensor_predictor.model_fetch import fetch
+    from sensor_predictor.model_holder import load_and_verify
+    from sensor_predictor.model_sources import SourcePolicy
+    from sensor_predictor.model_types import ActiveRow
+
+    row, policy = ActiveRow(0, run_id, version, None), SourcePolicy(uri)
+    load_and_verify(row, "m", None, policy)  # MLflow's store opened once, as in a warm worker
+    warm, child = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        load_and_verify(row, "m", None, policy)
+        warm.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        asyncio.run(fetch(row, "m", None, policy))
+        child.append(time.perf_counter() - t0)
+    return {"in_process_warm_s": [round(x, 3) for x in warm],
+            "fetch_process_s": [round(x, 3) for x in child],
+            "median_in_process_warm_s": round(statistics.median(warm), 3),
+            "median_fetch_process_s": round(statistics.median(child), 3), "load": load_avg()}
+
+
 def before_source(rev: str) -> str:
     """`rev`'s src/ (and the migrations/ beside it, which the worker applies) extracted under
     bench/.tmp (the worker run through PYTHONPATH)."""
@@ -294,6 +318,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     await bench.setup()
     runs = []
     try:
+        cwd = Path.cwd()
+        os.chdir(bench.work)
+        try:
+            cost = await asyncio.to_thread(fetch_cost, bench.mlflow_uri, *bench.models[1][:2])
+        finally:
+            os.chdir(cwd)
+        say(f"fetch alone: in a warm process {cost['median_in_process_warm_s']} s, by a fetch "
+            f"process {cost['median_fetch_process_s']} s (medians)")
         for i in range(args.rounds):
             order = variants if i % 2 == 0 else variants[::-1]  # alternated
             for label, src in order:
@@ -303,7 +335,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(stop_cluster, bench.server)
     return {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "before": args.before, "readings": args.readings, "settle_s": args.settle,
-            "cpus": os.cpu_count(), "summary": summary(runs), "runs": runs}
+            "cpus": os.cpu_count(), "fetch_cost": cost, "summary": summary(runs),
+            "runs": runs}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -121,6 +121,10 @@ async def test_a_model_the_cache_does_not_hold_is_fetched_and_then_cached(
     assert [e["source"] for e in _events(worker, "model_swapped")] == [
         "mlflow", "mlflow", "cache"]
     assert len(list((tmp_path / "model-cache").glob("*.model.json"))) == 2
+    # Both fetched by a fetch process (model_fetch.py): the worker never imported MLflow,
+    # whose import maps pandas' extension modules, nor scikit-learn.
+    maps = _mapped_libraries(worker)
+    assert "/numpy/" in maps and "/pandas/" not in maps and "/sklearn/" not in maps
 
 
 async def _async(value: object) -> object:
