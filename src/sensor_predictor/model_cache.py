@@ -59,6 +59,24 @@ class CacheEntry:
     entries written before it existed."""
 
 
+def entry_from_json(body: dict[str, Any]) -> CacheEntry:
+    """An entry from its JSON form (`asdict(entry)`, as stored here and as the fetch process
+    hands a model back, model_fetch.py); KeyError, TypeError or ValueError when it is not one."""
+    reference = body["reference"]
+    return CacheEntry(
+        run_id=str(body["run_id"]), registered_version=body["registered_version"],
+        version_label=str(body["version_label"]),
+        feature_names=tuple(str(n) for n in body["feature_names"]),
+        model_features=tuple(str(n) for n in body["model_features"]),
+        n_clusters=int(body["n_clusters"]),
+        reference=None if reference is None else tuple(float(p) for p in reference),
+        legacy=bool(body["legacy"]), kernel=dict(body["kernel"]),
+        artifact_digest=None if body.get("artifact_digest") is None
+        else str(body["artifact_digest"]),
+        feature_reference=(None if body.get("feature_reference") is None
+                           else dict(body["feature_reference"])))
+
+
 def _checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -115,19 +133,7 @@ class ModelCache:
             if (body["tracking_uri"], body["run_id"], body["registered_version"]) != (
                     self.tracking_uri, run_id, registered_version):
                 raise ValueError("the entry is another model's")
-            reference = body["reference"]
-            entry = CacheEntry(
-                run_id=str(body["run_id"]), registered_version=body["registered_version"],
-                version_label=str(body["version_label"]),
-                feature_names=tuple(str(n) for n in body["feature_names"]),
-                model_features=tuple(str(n) for n in body["model_features"]),
-                n_clusters=int(body["n_clusters"]),
-                reference=None if reference is None else tuple(float(p) for p in reference),
-                legacy=bool(body["legacy"]), kernel=dict(body["kernel"]),
-                artifact_digest=None if body.get("artifact_digest") is None
-                else str(body["artifact_digest"]),
-                feature_reference=(None if body.get("feature_reference") is None
-                                   else dict(body["feature_reference"])))
+            entry = entry_from_json(body)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.discard(run_id, registered_version, f"{type(exc).__name__}: {exc}")
             return None

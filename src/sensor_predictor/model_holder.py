@@ -4,7 +4,10 @@ What a model must be is in model_contract.py. Two layouts are served: ours (`run
 a Pipeline with ordered feature names) and the old trainer's (see legacy_model.py). A model made
 of a StandardScaler and a KMeans predicts with numpy alone (kmeans_kernel.py), and once verified
 it is kept in a local cache (model_cache.py), so a restarted worker serves it without importing
-MLflow or scikit-learn. Those two are imported only when a model must be fetched, in a thread.
+MLflow or scikit-learn. A model the cache does not hold is fetched by a child process
+(model_fetch.py, which runs `load_and_verify` there and hands back the model's numpy form), so
+the worker never imports them at all; `load_and_verify` runs in a thread of the worker only for
+a model without a numpy form, and in tools (rescore).
 The types it deals in (LoadedModel, ActiveRow, ModelLoadError, ...) live in model_types.py.
 
 Longer than most modules (about 380 lines): loading, verifying, the bookkeeping check, the
@@ -31,7 +34,7 @@ import asyncpg
 import numpy as np
 import structlog
 
-from sensor_predictor import cluster_registry, db, legacy_model, model_sources
+from sensor_predictor import cluster_registry, db, legacy_model, model_fetch, model_sources
 from sensor_predictor.faults import in_daemon_thread
 from sensor_predictor.feature_drift import FeatureReference, reference_from_kernel
 from sensor_predictor.kmeans_kernel import KMeansKernel
@@ -68,8 +71,9 @@ def load_and_verify(row: ActiveRow, model_name: str,
                     bookkeeping: Bookkeeping | None = None,
                     sources: SourcePolicy | None = None) -> LoadedModel:
     """Blocking: fetch the run's model from an allowed source (model_sources.py) and check it
-    can serve. Runs in a thread. Ours is read from its JSON artifact (no pickle); a run without
-    one from its `model` (unpickled); a run with neither in the old trainer's layout."""
+    can serve. Runs in the fetch process (model_fetch_child.py), or a thread. Ours is read
+    from its JSON artifact (no pickle); a run without one from its `model` (unpickled); a run
+    with neither in the old trainer's layout."""
     mlflow = mlflow_module()
     policy = sources or SourcePolicy(str(mlflow.get_tracking_uri()))
     uri = f"runs:/{row.run_id}/{MODEL_ARTIFACT}"
@@ -272,6 +276,48 @@ async def check_digest(conn: asyncpg.Pool | asyncpg.Connection, model: LoadedMod
             "refused; log a new run instead of rewriting one")
 
 
+def entry_of(model: LoadedModel) -> CacheEntry | None:
+    """The model's numpy form, as cached and as the fetch process hands it back; None for a
+    model that predicts through scikit-learn."""
+    if model.kernel is None:
+        return None
+    return CacheEntry(
+        run_id=model.run_id, registered_version=model.row.registered_version,
+        version_label=model.version, feature_names=model.feature_names,
+        model_features=model.model_features, n_clusters=model.n_clusters,
+        reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays(),
+        artifact_digest=model.artifact_digest,
+        feature_reference=(None if model.feature_reference is None
+                           else model.feature_reference.to_json()))
+
+
+def model_from_entry(row: ActiveRow, model_name: str, entry: CacheEntry, source: str
+                     ) -> LoadedModel:
+    """The model of a numpy form (entry_of), built with numpy alone and verified on a probe
+    row; ValueError, TypeError, KeyError or ModelLoadError when the form does not hold."""
+    kernel = KMeansKernel.from_arrays(entry.kernel)
+    if kernel.n_inputs != len(entry.feature_names) or kernel.n_clusters != entry.n_clusters:
+        raise ValueError("its arrays do not fit its feature names and clusters")
+    model = LoadedModel(
+        row=row, model_name=model_name, feature_names=entry.feature_names,
+        n_clusters=entry.n_clusters, reference=entry.reference,
+        read_query=db.read_range_query(entry.feature_names), kernel=kernel,
+        legacy=entry.legacy, model_features=entry.model_features, source=source,
+        artifact_digest=entry.artifact_digest,
+        feature_reference=feature_reference(entry.feature_reference, entry.feature_names,
+                                            kernel, model_features=entry.model_features))
+    return _verified(model, f"{source} {row.run_id}")
+
+
+def _tracking_uri() -> str:
+    """The tracking URI of a holder given no source policy: MLflow's when this process has
+    imported it (a test, a tool), else the environment's (configure_mlflow)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        return str(mlflow.get_tracking_uri())
+    return os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
 class ModelHolder:
     """Holds the served model; `refresh` follows the clusters table, with backoff on failure.
 
@@ -282,7 +328,8 @@ class ModelHolder:
     def __init__(self, model_name: str, *, on_failure: Any = None,
                  cache: ModelCache | None = None, role: str = "active",
                  reference: Callable[[], str | None] | None = None,
-                 sources: SourcePolicy | None = None) -> None:
+                 sources: SourcePolicy | None = None,
+                 fetch_timeout: float = model_fetch.FETCH_TIMEOUT_SECONDS) -> None:
         """`role` "active" follows the active clusters row; "candidate" the shadow candidate
         (model_candidates): aligned against `reference()` (the active model's version), and
         neither marked served nor reported as a swap."""
@@ -291,6 +338,7 @@ class ModelHolder:
         self.role = role
         self._reference = reference
         self.sources = sources  # None: the tracking URI's own (model_sources.default_sources)
+        self.fetch_timeout = fetch_timeout  # a fetch process running longer is killed
         self.model_name = model_name
         self.current: LoadedModel | None = None
         self.cache = cache
@@ -351,11 +399,7 @@ class ModelHolder:
             try:
                 bookkeeping = (await self.bookkeeping(pool, row) if self.role == "active"
                                else Bookkeeping())  # a candidate has no clusters row yet
-                model = self._from_cache(row)
-                if model is None:
-                    # A daemon thread: a hung fetch never holds a shutdown up (faults.py).
-                    model = await in_daemon_thread(load_and_verify, row, self.model_name,
-                                                   bookkeeping, self.sources)
+                model = self._from_cache(row) or await self._fetched(row, bookkeeping)
                 await _check_features_in_readings(pool, model.feature_names)
                 await check_digest(pool, model)
                 model = await self._aligned(pool, model)
@@ -410,20 +454,7 @@ class ModelHolder:
         if entry is None:
             return None
         try:
-            kernel = KMeansKernel.from_arrays(entry.kernel)
-            if kernel.n_inputs != len(entry.feature_names) \
-                    or kernel.n_clusters != entry.n_clusters:
-                raise ValueError("its arrays do not fit its feature names and clusters")
-            model = LoadedModel(
-                row=row, model_name=self.model_name, feature_names=entry.feature_names,
-                n_clusters=entry.n_clusters, reference=entry.reference,
-                read_query=db.read_range_query(entry.feature_names), kernel=kernel,
-                legacy=entry.legacy, model_features=entry.model_features, source="cache",
-                artifact_digest=entry.artifact_digest,
-                feature_reference=feature_reference(entry.feature_reference,
-                                                    entry.feature_names, kernel,
-                                                    model_features=entry.model_features))
-            model = _verified(model, f"cached {row.run_id}")
+            model = model_from_entry(row, self.model_name, entry, source="cache")
         except (ValueError, TypeError, KeyError, ModelLoadError) as exc:
             self.cache.discard(row.run_id, row.registered_version, str(exc))
             return None
@@ -431,17 +462,32 @@ class ModelHolder:
                  path=str(self.cache.path(row.run_id, row.registered_version)))
         return model
 
+    async def _fetched(self, row: ActiveRow, bookkeeping: Bookkeeping) -> LoadedModel:
+        """The model from MLflow, fetched and verified by a child process (model_fetch.py);
+        in a thread of this process only when it has no numpy form."""
+        policy = self.sources or SourcePolicy(_tracking_uri())
+        fetched = await model_fetch.fetch(row, self.model_name, bookkeeping, policy,
+                                          self.fetch_timeout)
+        if fetched.entry is not None:
+            try:
+                model = model_from_entry(row, self.model_name, fetched.entry, source="mlflow")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ModelLoadError("load_failed", f"the model fetch process handed back a "
+                                                    f"model that does not fit: {exc}") from exc
+            return replace(model, unpickled=fetched.unpickled)
+        log.warning("model_needs_scikit_learn", run_id=row.run_id,
+                    model_version=row.model_version,
+                    note="not a StandardScaler + KMeans (no numpy form): loaded into the "
+                         "worker, which holds scikit-learn and MLflow from now on")
+        # A daemon thread: a hung fetch never holds a shutdown up (faults.py).
+        return await in_daemon_thread(  # type: ignore[no-any-return]
+            load_and_verify, row, self.model_name, bookkeeping, self.sources)
+
     def _store(self, model: LoadedModel) -> None:
-        if self.cache is None or model.kernel is None:
+        entry = entry_of(model)
+        if self.cache is None or entry is None:
             return  # only what numpy alone can serve is worth a restart without MLflow
-        self.cache.store(CacheEntry(
-            run_id=model.run_id, registered_version=model.row.registered_version,
-            version_label=model.version, feature_names=model.feature_names,
-            model_features=model.model_features, n_clusters=model.n_clusters,
-            reference=model.reference, legacy=model.legacy, kernel=model.kernel.to_arrays(),
-            artifact_digest=model.artifact_digest,
-            feature_reference=(None if model.feature_reference is None
-                               else model.feature_reference.to_json())))
+        self.cache.store(entry)
 
     def _announce(self, model: LoadedModel, bookkeeping: Bookkeeping) -> None:
         mismatches = bookkeeping_mismatches(model, bookkeeping)

@@ -57,9 +57,6 @@ from sensor_predictor.snapshot import WorkerSnapshot, take_snapshot
 log = structlog.get_logger("sensor_predictor.worker")
 
 BACKLOG_REFRESH_SECONDS = 5.0
-# 30 s after the first model is served, MLflow and scikit-learn are imported in the background
-# (a restart from the model cache needs neither; a later swap to an uncached model does).
-WARM_UP_DELAY_SECONDS = 30.0
 # How often the orphan timer looks for claims whose owner is gone (a free advisory lock, an
 # expired lease), in a quiet stream too: index probes over the claims it has not seen yet and
 # those it saw alive. Every ORPHAN_FULL_LOOK_SECONDS it looks at every claim (a claim committed
@@ -142,7 +139,6 @@ class Worker:
         self._in_flight: collections.Counter[int] = collections.Counter()
         self.lease_seconds = (settings.claim_lease_seconds if settings.pool_mode == "transaction"
                               else None)
-        self._warm_up: asyncio.Task[None] | None = None
         # sensor_id_headroom_ratio last seen, by table (a warning when it crosses a threshold).
         self._headroom_seen: dict[str, float] = {}
         self.health = faults.TaskHealth()
@@ -636,20 +632,10 @@ class Worker:
             self.wake("model")
             # What start-up and the model built stays for the process's life: out of the
             # collector's way (a full collection walks every tracked object on the event loop:
-            # 40 ms here for the worker alone, 170-190 ms after the warm-up's imports).
+            # 40 ms here for the worker alone; MLflow's and scikit-learn's imports, which made
+            # it 170-190 ms, now live in the fetch process: model_fetch.py).
             gc.freeze()
-            if self._warm_up is None:
-                self._warm_up = asyncio.create_task(self._warm_up_imports(), name="warm-up")
-                self._tasks.append(self._warm_up)
         self._update_ready()
-
-    async def _warm_up_imports(self) -> None:
-        """A worker that started from its model cache has not imported MLflow and scikit-learn;
-        the first swap to a model not cached yet would pay for that (seconds). Once scoring has
-        started, import them in the background, so that swaps stay fast. A daemon thread: a
-        shutdown never waits for it."""
-        await asyncio.sleep(WARM_UP_DELAY_SECONDS)
-        threading.Thread(target=_import_model_libraries, name="warm-up", daemon=True).start()
 
     async def _watch_backlog(self) -> None:
         """The backlog gauge, and the transactions still open that hold readings back."""
@@ -1003,19 +989,6 @@ def _deadline_exceeded(grace: float) -> None:
               note="exiting now; claims not committed are taken over by another worker")
     logging.shutdown()
     os._exit(1)
-
-
-def _import_model_libraries() -> None:
-    started = time.perf_counter()
-    try:
-        import mlflow.sklearn  # noqa: F401
-        import sklearn.cluster
-        import sklearn.preprocessing  # noqa: F401
-    except Exception as exc:  # nothing depends on it: a later fetch imports them anyway
-        log.warning("warm_up_failed", error=f"{type(exc).__name__}: {exc}")
-        return
-    gc.freeze()  # the imports' objects too (see _model_changed)
-    log.info("warm_up_done", ms=round((time.perf_counter() - started) * 1000))
 
 
 def next_batch_size(current: int, scored: int, base: int) -> int:

@@ -59,11 +59,12 @@ async def test_a_restart_serves_the_cached_model_without_importing_scikit_learn(
     first = await insert_readings(conn, values)
     assert await wait_for(lambda: _scored(conn, first), timeout=10)
     assert [e["source"] for e in _events(cold, "model_swapped")] == ["mlflow"]
-    # The cold start read the run's JSON artifact (model_sources.py): no pickle, so no
-    # scikit-learn either, even when fetching from MLflow. numpy's own extension modules show
-    # that the check sees what a process imported.
+    # The cold start fetched the model in a child process (model_fetch.py): the worker has
+    # imported neither scikit-learn nor MLflow (whose import maps pandas' extensions). numpy's
+    # own extension modules show that the check sees what a process imported.
     cold_maps = _mapped_libraries(cold)
     assert "/numpy/" in cold_maps and "/sklearn/" not in cold_maps
+    assert "/pandas/" not in cold_maps
     assert cold.stop() == 0
     entries = list((tmp_path / "model-cache").glob("*.model.json"))
     assert len(entries) == 1
@@ -120,6 +121,10 @@ async def test_a_model_the_cache_does_not_hold_is_fetched_and_then_cached(
     assert [e["source"] for e in _events(worker, "model_swapped")] == [
         "mlflow", "mlflow", "cache"]
     assert len(list((tmp_path / "model-cache").glob("*.model.json"))) == 2
+    # Both fetched by a fetch process (model_fetch.py): the worker never imported MLflow,
+    # whose import maps pandas' extension modules, nor scikit-learn.
+    maps = _mapped_libraries(worker)
+    assert "/numpy/" in maps and "/pandas/" not in maps and "/sklearn/" not in maps
 
 
 async def _async(value: object) -> object:

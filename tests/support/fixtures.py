@@ -4,9 +4,7 @@ a model cache shared by the run. Registered by tests/conftest.py (pytest_plugins
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from sensor_predictor.devtools.mlflow_server import (
     mlflow_env,
 )
 from sensor_predictor.devtools.postgres import PgServer, find_or_start, stop_cluster
-from sensor_predictor.devtools.worker_process import WorkerNotReady, WorkerProcess
+from sensor_predictor.devtools.worker_process import WorkerProcess
 from tests.support.databases import Database, clone, create_template, drop
 from tests.support.models import Models, log_models
 
@@ -159,39 +157,31 @@ def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
 
 
-def fill_model_cache(server: PgServer, template: str, models: Models, cache: Path,
-                     timeout: float = 180) -> None:
-    """Serve v1, then v2, of `models` once with a real worker on a scratch database, so that
-    the run's cache holds both before any test starts a worker: every test's worker then serves
-    them from it, whatever ran before (a swap to a model a worker must fetch first takes
-    seconds more, in a worker that never imported MLflow: timing no test should depend on)."""
-    from sensor_predictor.training import activate_model
+def fill_model_cache(server: PgServer, template: str, models: Models, cache: Path) -> None:
+    """Fetch v1 and v2 of `models` once and store them in the run's cache, so that every test's
+    worker serves them from it, whatever ran before (a swap to a model a worker must fetch
+    first takes seconds more, a fetch process importing MLflow: timing no test should depend
+    on). Fetched here, by the function a worker's fetch process runs (model_holder.
+    load_and_verify: this process has imported MLflow anyway), and stored as a worker stores
+    them (model_cache.py): no worker and no fetch process to start for it."""
+    import mlflow
 
-    db = clone(server, template, prefix="sp_warm_")
-    env = {**db.env(), **mlflow_env(models.store.uri), "MODEL_CACHE_DIR": str(cache),
-           "INFERENCE_INTERVAL_SECONDS": "1"}
-    worker = WorkerProcess(env, cache / f"fill-{uuid.uuid4().hex[:6]}.log")
+    from sensor_predictor.model_cache import ModelCache
+    from sensor_predictor.model_holder import entry_of, load_and_verify
+    from sensor_predictor.model_sources import SourcePolicy
+    from sensor_predictor.model_types import ActiveRow
 
-    async def run() -> None:
-        conn = await db.connect()
-        try:
-            await activate_model(conn, *models.v1)
-            worker.start()
-            await worker.until_ready(timeout)
-            await activate_model(conn, *models.v2)
-            deadline = time.monotonic() + timeout
-            while len([e for e in worker.events() if e.get("event") == "model_cached"]) < 2:
-                if time.monotonic() > deadline:
-                    raise WorkerNotReady(f"v2 not cached in {timeout:g} s:\n{worker.tail()}")
-                await asyncio.sleep(0.05)
-        finally:
-            await conn.close()
-
+    store = ModelCache(cache, models.store.uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(models.store.uri)
     try:
-        asyncio.run(run())
+        for run_id, version in (models.v1, models.v2):
+            model = load_and_verify(ActiveRow(0, run_id, version, None), "fill", None,
+                                    SourcePolicy(models.store.uri))
+            entry = entry_of(model)
+            assert entry is not None and store.store(entry), (run_id, version)
     finally:
-        stop_workers([worker])  # its interpreter's exit (1 s with MLflow) ends meanwhile
-        drop(db)
+        mlflow.set_tracking_uri(previous)
 
 
 def model_cache_env(request: pytest.FixtureRequest, shared: Path) -> dict[str, str]:
