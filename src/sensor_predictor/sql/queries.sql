@@ -167,9 +167,10 @@ UPDATE versions SET is_processed = true
  WHERE NOT is_processed
    AND id <= COALESCE((SELECT max(id) FROM versions WHERE run_id = $1), 0);
 
--- name: adopt_step_exists
--- Whether migration 0014's one-time pass is there to run (migrate.py, a custom folder may lack it).
-SELECT to_regprocedure('sp_adopt_step(integer)') IS NOT NULL;
+-- name: adopt_pending
+-- Whether migration 0014's one-time pass has work left (false without 0014: a custom folder).
+SELECT to_regprocedure('sp_adopt_step(integer)') IS NOT NULL
+       AND (SELECT a.upto < a.top FROM scoring_adoption a);
 
 -- name: adopt_step
 -- One step of 0014's pass: the next $1 ids' adopted rows still waiting are listed; true when the
