@@ -43,6 +43,9 @@ EXPECTED_RELATION_GRANTS = {
     "model_candidates": {"SELECT"},
     "shadow_predictions": {"INSERT"},
     "shadow_evaluations": {"INSERT"},
+    # an adopted backlog (0014): the list of adopted rows still waiting, read by the claim
+    "scoring_adopted": {"SELECT"},
+    "scoring_adoption": {"SELECT"},
     "shadow_evaluations_id_seq": {"USAGE"},
     # the digest of a model's artifacts, recorded when it is first served (0011)
     "model_artifact_digests": {"SELECT", "INSERT"},

@@ -167,6 +167,16 @@ UPDATE versions SET is_processed = true
  WHERE NOT is_processed
    AND id <= COALESCE((SELECT max(id) FROM versions WHERE run_id = $1), 0);
 
+-- name: adopt_pending
+-- Whether migration 0014's one-time pass has work left (false without 0014: a custom folder).
+SELECT to_regprocedure('sp_adopt_step(integer)') IS NOT NULL
+       AND (SELECT a.upto < a.top FROM scoring_adoption a);
+
+-- name: adopt_step
+-- One step of 0014's pass: the next $1 ids' adopted rows still waiting are listed; true when the
+-- list is complete (migrations/0014_adopted_backlog.sql).
+SELECT sp_adopt_step($1);
+
 -- name: backlog
 -- Readings not scored yet (sp_backlog in migrations/0003_snapshot_claims.sql).
 SELECT sp_backlog() AS backlog;
