@@ -22,7 +22,7 @@ from sensor_predictor.devtools.mlflow_server import (
 )
 from sensor_predictor.devtools.postgres import PgServer, find_or_start, stop_cluster
 from sensor_predictor.devtools.worker_process import WorkerNotReady, WorkerProcess
-from tests.support.databases import Database, clone, create_template, drop
+from tests.support.databases import DROPPER, Database, clone, create_template, drop
 from tests.support.models import Models, log_models
 
 # A throwaway cluster (no server at PGHOST or :5432) is tuned for tests, not for durability.
@@ -34,6 +34,7 @@ TEST_CLUSTER_SETTINGS = {"fsync": "off", "max_connections": "200",
 def pg_server() -> Iterator[PgServer]:
     server = find_or_start(TEST_CLUSTER_SETTINGS)
     yield server
+    DROPPER.finish()
     stop_cluster(server)  # only a cluster we started (it has a datadir)
 
 
@@ -49,7 +50,7 @@ def template_db(pg_server: PgServer) -> Iterator[str]:
 def database(pg_server: PgServer, template_db: str) -> Iterator[Database]:
     db = clone(pg_server, template_db)
     yield db
-    drop(db)
+    DROPPER.drop(db)
 
 
 @pytest_asyncio.fixture
@@ -191,7 +192,7 @@ def fill_model_cache(server: PgServer, template: str, models: Models, cache: Pat
         asyncio.run(run())
     finally:
         stop_workers([worker])  # its interpreter's exit (1 s with MLflow) ends meanwhile
-        drop(db)
+        DROPPER.drop(db)
 
 
 def model_cache_env(request: pytest.FixtureRequest, shared: Path) -> dict[str, str]:
