@@ -287,30 +287,9 @@ def demo_run(demo_runs: DemoRuns, request: pytest.FixtureRequest) -> DemoRun:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_demo_on_a_throwaway_cluster(demo_run: DemoRun) -> None:
-    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
-    previous run's MLflow store in the work folder is replaced: the first model is v1."""
-    code, out, err = demo_run.finish()
-    workdir, cwd = demo_run.workdir, demo_run.cwd
-    assert code == 0, f"{out}\n{err}"
-    assert "PostgreSQL: throwaway cluster" in out
-    assert "(the previous run's store was replaced)" in out
-    assert re.search(r"^model v1 trained on", out, re.MULTILINE), out
-    check_full_run(out)
-    assert "stopped and deleted the throwaway PostgreSQL" in out
-    # Logs go to the work folder, not over the progress; nothing is left behind or running.
-    assert err == ""
-    assert (workdir / "demo.log").stat().st_size > 0
-    assert (workdir / "mlflow.db").is_file()
-    assert any((workdir / "artifacts").rglob("MLmodel"))
-    assert not (workdir / "postgres").exists()
-    assert list(cwd.iterdir()) == []
-    assert not started_from(workdir)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
 def test_sigint_stops_everything_and_summarises(demo_run: DemoRun) -> None:
+    """First of the whole runs: interrupted as soon as it streams, so that it stops taking
+    the CPU the three others need to reach their end."""
     demo, workdir, proc = demo_run.demo, demo_run.workdir, demo_run.demo.proc
     try:
         demo.wait_for_line(STATUS_ROW, timeout=240)
@@ -336,6 +315,29 @@ def test_sigint_stops_everything_and_summarises(demo_run: DemoRun) -> None:
     assert [pid for pid in ours if alive(pid)] == []
     assert not started_from(workdir)
     assert not (workdir / "postgres").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_demo_on_a_throwaway_cluster(demo_run: DemoRun) -> None:
+    """POSTGRES_* unset: its own cluster from the binaries; drift, a swap, exactly once. A
+    previous run's MLflow store in the work folder is replaced: the first model is v1."""
+    code, out, err = demo_run.finish()
+    workdir, cwd = demo_run.workdir, demo_run.cwd
+    assert code == 0, f"{out}\n{err}"
+    assert "PostgreSQL: throwaway cluster" in out
+    assert "(the previous run's store was replaced)" in out
+    assert re.search(r"^model v1 trained on", out, re.MULTILINE), out
+    check_full_run(out)
+    assert "stopped and deleted the throwaway PostgreSQL" in out
+    # Logs go to the work folder, not over the progress; nothing is left behind or running.
+    assert err == ""
+    assert (workdir / "demo.log").stat().st_size > 0
+    assert (workdir / "mlflow.db").is_file()
+    assert any((workdir / "artifacts").rglob("MLmodel"))
+    assert not (workdir / "postgres").exists()
+    assert list(cwd.iterdir()) == []
+    assert not started_from(workdir)
 
 
 @pytest.mark.slow

@@ -20,9 +20,10 @@ import pytest_asyncio
 
 from sensor_predictor.devtools import legacy_trainer, old_system
 from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
-from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database
 from sensor_predictor.devtools.tally import tally
 from sensor_predictor.devtools.worker_process import WorkerProcess
+from tests.support.databases import drop_later
 from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
@@ -35,7 +36,7 @@ async def old_db(pg_server: PgServer) -> AsyncIterator[str]:
     name = f"sp_dropin_{uuid.uuid4().hex[:10]}"
     await create_database(pg_server, name)
     yield name
-    await drop_database(pg_server, name)
+    drop_later(pg_server, name)
 
 
 def _log_legacy(store: MlflowServer, seed: int, clusters: int

@@ -28,9 +28,10 @@ from typing import Any
 import pytest
 
 from sensor_predictor.devtools.mlflow_server import MlflowServer, stop_process
-from sensor_predictor.devtools.postgres import PgServer, drop_database, free_port
+from sensor_predictor.devtools.postgres import PgServer, free_port
 from sensor_predictor.devtools.prometheus_text import parse_metrics
 from sensor_predictor.devtools.prometheus_text import value as series_value
+from tests.support.databases import drop_later
 from tests.support.deploy_files import (
     CLI_NAME,
     dockerfile_instructions,
@@ -148,7 +149,7 @@ def empty_database(pg_server: PgServer) -> Iterator[str]:
 
     asyncio.run(create())
     yield name
-    asyncio.run(drop_database(pg_server, name))
+    drop_later(pg_server, name)
 
 
 @pytest.fixture

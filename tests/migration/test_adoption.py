@@ -16,9 +16,10 @@ import pytest
 import pytest_asyncio
 
 from sensor_predictor.devtools import old_system
-from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database
 from sensor_predictor.migrate import load_migrations, migrate
 from tests.support import old_orm
+from tests.support.databases import drop_later
 
 pytestmark = pytest.mark.asyncio
 
@@ -46,7 +47,7 @@ async def old_db(pg_server: PgServer) -> AsyncIterator[str]:
     finally:
         await conn.close()
     yield name
-    await drop_database(pg_server, name)
+    drop_later(pg_server, name)
 
 
 @pytest_asyncio.fixture
@@ -58,7 +59,7 @@ async def fresh_db(pg_server: PgServer) -> AsyncIterator[str]:
     finally:
         await conn.close()
     yield name
-    await drop_database(pg_server, name)
+    drop_later(pg_server, name)
 
 
 # Where an adopted database must differ from a fresh one: (table, column) -> {attribute: (adopted,
@@ -273,4 +274,4 @@ async def test_the_old_consumer_keeps_writing_while_we_adopt_its_database(
     finally:
         await writer_conn.close()
         await conn.close()
-        await drop_database(pg_server, name)
+        drop_later(pg_server, name)

@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from sensor_predictor.devtools.postgres import PgServer, drop_database
+from sensor_predictor.devtools.postgres import PgServer
 from sensor_predictor.migrate import load_migrations, migrate
-from tests.support.databases import Database
+from tests.support.databases import Database, drop_later
 from tests.support.readings import insert_readings, reading
 
 pytestmark = pytest.mark.asyncio
@@ -26,7 +26,7 @@ async def empty_db(pg_server: PgServer) -> AsyncIterator[str]:
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
     yield name
-    await drop_database(pg_server, name)
+    drop_later(pg_server, name)
 
 
 async def test_migrations_apply_once_even_when_two_replicas_start_together(

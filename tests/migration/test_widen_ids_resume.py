@@ -16,9 +16,10 @@ import pytest_asyncio
 
 from sensor_predictor import db
 from sensor_predictor.devtools import old_system
-from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database
 from sensor_predictor.migrate import migrate
 from sensor_predictor.widen_ids import headroom, widen_ids
+from tests.support.databases import drop_later
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,7 +37,7 @@ async def adopted(pg_server: PgServer) -> AsyncIterator[str]:
     finally:
         await conn.close()
     yield name
-    await drop_database(pg_server, name)
+    drop_later(pg_server, name)
 
 
 async def _rows(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:

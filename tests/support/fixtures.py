@@ -20,7 +20,7 @@ from sensor_predictor.devtools.mlflow_server import (
 )
 from sensor_predictor.devtools.postgres import PgServer, find_or_start, stop_cluster
 from sensor_predictor.devtools.worker_process import WorkerProcess
-from tests.support.databases import Database, clone, create_template, drop
+from tests.support.databases import DROPPER, Database, clone, create_template, drop
 from tests.support.models import Models, log_models
 
 # A throwaway cluster (no server at PGHOST or :5432) is tuned for tests, not for durability.
@@ -32,6 +32,7 @@ TEST_CLUSTER_SETTINGS = {"fsync": "off", "max_connections": "200",
 def pg_server() -> Iterator[PgServer]:
     server = find_or_start(TEST_CLUSTER_SETTINGS)
     yield server
+    DROPPER.finish()
     stop_cluster(server)  # only a cluster we started (it has a datadir)
 
 
@@ -47,7 +48,7 @@ def template_db(pg_server: PgServer) -> Iterator[str]:
 def database(pg_server: PgServer, template_db: str) -> Iterator[Database]:
     db = clone(pg_server, template_db)
     yield db
-    drop(db)
+    DROPPER.drop(db)
 
 
 @pytest_asyncio.fixture

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from sensor_predictor.config import load_settings
 from sensor_predictor.devtools.mlflow_server import MlflowServer, mlflow_env
-from sensor_predictor.devtools.postgres import PgServer, create_database, drop_database
+from sensor_predictor.devtools.postgres import PgServer, create_database
+from tests.support.databases import drop_later
 
 
 @dataclass
@@ -43,7 +44,7 @@ async def _fit(pg_server: PgServer, store: MlflowServer,
         results = [await train(settings, clusters=clusters, readings=5_000, activate=False,
                                seed=seed) for clusters, seed in fits]
     finally:
-        await drop_database(pg_server, scratch)
+        drop_later(pg_server, scratch)
     return [(r.run_id, int(r.version)) for r in results]
 
 
