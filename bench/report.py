@@ -193,6 +193,38 @@ def evaluate(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                      f"{sh['rate']:,}/s (median of {len(sh['ratio_per_round'])} alternating "
                      "rounds)", f"{sh['median_ratio']:.2f} x ({on} vs {off} us)",
                      f"<= {t['shadow_cpu_ratio']} x", sh["median_ratio"] <= t["shadow_cpu_ratio"]))
+    ad = r.get("adoption")
+    if ad and ad.get("adopted_vs_fresh") is not None:
+        rows.append(("drain of an adopted backlog (the old predictor scored 45 %) vs a fresh one, "
+                     "same run", f"{ad['adopted_vs_fresh']} x ({_fmt(ad.get('drain_rate'))}/s)",
+                     f">= {t.get('adopted_vs_fresh', 0.9)} x",
+                     ad["adopted_vs_fresh"] >= t.get("adopted_vs_fresh", 0.9)))
+    wr = r.get("writers", {}).get("clients", {})
+    for clients, table in sorted(wr.items()):
+        row, always = table.get("doorbell_worker"), table.get("always_worker")
+        if not row or row.get("ratio") is None:
+            continue
+        eight = clients == "c8"
+        rows.append((f"{clients[1:]} single-row writers: tps with a worker woken by the doorbell "
+                     "/ by polling (bench/writers.py; a NOTIFY per transaction: "
+                     f"{_fmt(always and always.get('ratio'))} x)",
+                     f"{row['ratio']} x ({row['tps_median']:,} tps; "
+                     f"{row['notify_share_median']:.1%} of transactions notified)",
+                     f">= {t.get('writers_ratio', 0.9)} x" if eight else "-",
+                     row["ratio"] >= t.get("writers_ratio", 0.9) if eight else None))
+        idle = table.get("doorbell")
+        if idle and idle.get("ratio") is not None:
+            rows.append((f"{clients[1:]} single-row writers, no worker: tps with the doorbell "
+                         "trigger / with no trigger", f"{idle['ratio']} x",
+                         f">= {t.get('writers_ratio', 0.9)} x" if eight else "-",
+                         idle["ratio"] >= t.get("writers_ratio", 0.9) if eight else None))
+    mem = r.get("memory", {}).get("this")
+    if mem:
+        rows.append(("worker RSS at rest, one model, idle (bench/memory.py)",
+                     f"{_fmt(mem.get('steady_rss_mb'))} MB", f"<= {t.get('rest_rss_mb', 300)} MB",
+                     (mem.get("steady_rss_mb") or 1e9) <= t.get("rest_rss_mb", 300)))
+        rows.append(("swap to a model not in the cache: commit -> first prediction",
+                     f"{_fmt(mem.get('swap_uncached_to_first_prediction_s'))} s", "-", None))
     if drains:
         peak = max(d["peak_rss_mb"] for d in drains)
         rows.append((f"worker peak RSS (VmHWM) draining {_size(drains[0]['readings'])}, per "
