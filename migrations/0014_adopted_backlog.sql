@@ -71,7 +71,9 @@ CREATE OR REPLACE FUNCTION sp_claim_next(worker_name text, batch_size integer,
                                          lease_seconds double precision, release_claim bigint,
                                          take_lock boolean)
 RETURNS TABLE (claim_id bigint, reading_ids bigint[], "full" boolean, reanchored text)
-LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
+-- 0009's planner settings (a CREATE OR REPLACE replaces the function's SET clauses).
+SET jit = off SET max_parallel_workers_per_gather = 0 AS $$
 DECLARE
     cur record;
     lo xid8;

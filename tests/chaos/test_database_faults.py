@@ -165,7 +165,8 @@ async def test_an_active_model_that_cannot_be_served_shows_as_a_mismatch(
         if not ready:
             break
         await asyncio.sleep(0.2)
-    assert state.get("model_mismatch_s", 0) > 2, state
+    # /ready fails once the mismatch is past 2 s; it reports it rounded to 0.1 s.
+    assert state.get("model_mismatch_s", 0) >= 2, state
     assert state["model_version"] == str(chaos_models.v1[1])
     assert state["active_model_version"] == str(chaos_models.wrong_features[1])
     assert (worker.metric("sensor_model_mismatch_seconds") or 0) >= 1
