@@ -67,10 +67,26 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def children_rss_mb(pid: int) -> float:
+    """The RSS of the worker's child processes (its standby fetch process, or a fetch child)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return round(total / MB, 1)
+
+
 def rss(w: WorkerProcess) -> dict[str, Any]:
     st = w.proc_status()
     maps = Path(f"/proc/{w.pid}/maps").read_text()
+    children = children_rss_mb(w.pid)
     return {"rss_mb": round(st["VmRSS"] / MB, 1), "hwm_mb": round(st["VmHWM"] / MB, 1),
+            "children_rss_mb": children, "with_children_mb": round(st["VmRSS"] / MB + children, 1),
+            "standby_ready": any(e.get("event") == "fetch_standby_ready" for e in w.events()),
             "libraries": sorted(k for k, v in LIBRARIES.items() if v in maps),
             "load": load_avg()}
 
@@ -154,7 +170,10 @@ class MemoryBench:
             await asyncio.sleep(self.args.settle)
             # The old worker's warm-up import may take longer than its 30 s delay on a busy
             # machine: its steady state is after it (up to 3 minutes more).
-            for _ in range(360 if src is not None else 0):
+            worker_py = Path(src or ".", "sensor_predictor", "worker.py")
+            warm_up = src is not None and "WARM_UP_DELAY_SECONDS" in await asyncio.to_thread(
+                worker_py.read_text)
+            for _ in range(360 if warm_up else 0):
                 if any(e.get("event") == "warm_up_done" for e in w.events()):
                     break
                 await asyncio.sleep(0.5)
@@ -163,6 +182,13 @@ class MemoryBench:
             out["steady"] = rss(w)
             out["drain"] = await self.drain(conn, w)
             out["steady_after_drain"] = rss(w)
+            # This checkout's worker keeps a standby fetch process (model_fetch.Standby) from
+            # FETCH_STANDBY_DELAY_SECONDS after its first model: the swap is timed with it ready.
+            for _ in range(240 if src is None else 0):
+                if any(e.get("event") == "fetch_standby_ready" for e in w.events()):
+                    break
+                await asyncio.sleep(0.5)
+            out["standby_ready_before_swap"] = rss(w)["standby_ready"]
             out["swap"] = await self.swap(conn, w, name)
             await asyncio.sleep(self.args.settle_after_swap)
             out["after_swap"] = rss(w)
@@ -300,6 +326,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "cold_after_first_model_rss_mb": med("cold_after_first_model", "rss_mb"),
             "restart_after_start_rss_mb": med("after_start", "rss_mb"),
             "steady_rss_mb": med("steady", "rss_mb"),
+            "steady_children_rss_mb": med("steady", "children_rss_mb"),
+            "steady_with_children_mb": med("steady", "with_children_mb"),
             "drain_peak_hwm_mb": med("drain", "hwm_mb"),
             "after_swap_rss_mb": med("after_swap", "rss_mb"),
             "swap_uncached_to_first_prediction_s": med("swap", "to_first_prediction_s"),

@@ -110,6 +110,8 @@ class Settings:
     shutdown_grace_seconds: float = 8.0
     # /ready fails once the active model has differed from the served one this long.
     model_mismatch_ready_seconds: float = 60.0
+    # A standby fetch process (model_fetch.Standby) starts this long after the first model.
+    fetch_standby_delay_seconds: float = 30.0
     # A replica waits this long for another one's migration before it gives up (exit 1).
     migration_wait_seconds: float = 300.0
 
@@ -359,6 +361,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "MODEL_MISMATCH_READY_SECONDS": ("model_mismatch_ready_seconds", _positive_float),
     "MIGRATION_WAIT_SECONDS": ("migration_wait_seconds", _positive_float),
+    "FETCH_STANDBY_DELAY_SECONDS": ("fetch_standby_delay_seconds", _non_negative_float),
 }
 
 # libpq's own variables, read when the POSTGRES_* one is not set (POSTGRES_* win).

@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,15 @@ log = structlog.get_logger("sensor_predictor.model_fetch")
 FETCH_TIMEOUT_SECONDS = 120.0
 CHILD_MODULE = "sensor_predictor.model_fetch_child"
 RESULT_FILE = "result.json"
+# A standby child (Standby) writes READY_LINE to this inherited descriptor once its imports are
+# done, then waits for its request.
+READY_FD_ENV = "SENSOR_PREDICTOR_FETCH_READY_FD"
+READY_LINE = b"ready\n"
+# After a standby is used or died, the next one starts this much later (never on the fetch path;
+# or after FETCH_STANDBY_DELAY_SECONDS, when shorter).
+STANDBY_RESTART_SECONDS = 5.0
+# The standby's niceness: its start (imports, ~2 s of CPU) yields to scoring.
+STANDBY_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -106,21 +116,24 @@ def read_result(raw: bytes) -> Fetched:
 
 
 async def fetch(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
-                policy: SourcePolicy, within: float = FETCH_TIMEOUT_SECONDS) -> Fetched:
-    """Fetch and verify `row`'s model in a child process; ModelLoadError when it cannot."""
+                policy: SourcePolicy, within: float = FETCH_TIMEOUT_SECONDS,
+                standby: Standby | None = None) -> Fetched:
+    """Fetch and verify `row`'s model in a child process; ModelLoadError when it cannot. The
+    standby's process when it has one ready (its imports done), else a fresh one."""
     folder = Path(tempfile.mkdtemp(prefix="sp-fetch-"))  # 0700: the answer is ours alone
     result = folder / RESULT_FILE
     request = json.dumps(request_document(row, model_name, bookkeeping, policy, result))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": policy.tracking_uri}
+    line = request.encode() + b"\n"
     proc: asyncio.subprocess.Process | None = None
     try:
-        # stdout and stderr are the worker's own: the child logs its lines (MLflow's warnings,
-        # a model's) where the worker's go.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", CHILD_MODULE, stdin=asyncio.subprocess.PIPE, env=env)
-        assert proc.stdin is not None
-        proc.stdin.write(request.encode() + b"\n")  # the pipe stays open: see the docstring
-        await proc.stdin.drain()
+        proc = standby.take() if standby is not None else None
+        if proc is not None and not await _ask(proc, line):
+            log.warning("fetch_standby_unusable", pid=proc.pid, note="a fresh process instead")
+            _kill(proc)
+            proc = None
+        if proc is None:
+            proc = await _spawn(policy.tracking_uri)
+            await _ask(proc, line)  # a fresh child that died at once: no answer, load_failed
         try:
             code = await asyncio.wait_for(proc.wait(), within)
         except TimeoutError:
@@ -135,12 +148,128 @@ async def fetch(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None
                                                 "without an answer") from None
         return read_result(raw)
     finally:
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()  # a timeout, a shutdown (cancelled): never left running
-        if proc is not None and proc.stdin is not None:
-            proc.stdin.close()
+        if proc is not None:
+            _kill(proc)  # a timeout, a shutdown (cancelled): never left running
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _spawn(tracking_uri: str, ready_fd: int | None = None) -> asyncio.subprocess.Process:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    if ready_fd is not None:
+        env[READY_FD_ENV] = str(ready_fd)
+    # stdout and stderr are the worker's own: the child logs its lines (MLflow's warnings,
+    # a model's) where the worker's go.
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", CHILD_MODULE, stdin=asyncio.subprocess.PIPE, env=env,
+        pass_fds=() if ready_fd is None else (ready_fd,))
+
+
+async def _ask(proc: asyncio.subprocess.Process, line: bytes) -> bool:
+    """Write the request; False when the child is gone (its pipe broken). The pipe stays
+    open afterwards: the child exits by itself when it reaches end of file (the worker died)."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(line)
+        await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    if proc.stdin is not None:
+        proc.stdin.close()
+
+
+class Standby:
+    """One fetch process started ahead of need, its imports of MLflow and scikit-learn done,
+    waiting on stdin for a request: a swap to an uncached model then waits for the fetch alone
+    (tenths of a second), not for a child's start and imports (5-20 s on a busy machine).
+
+    Its cost is its memory (about 200 MB, in a process of its own that the worker's steady
+    state does not carry) and, once, its start: after STANDBY delay seconds past the worker's
+    first model, and `nice`d, so it does not compete with scoring. It serves one request like
+    any fetch child and exits; then (or when it died) another is started after
+    STANDBY_RESTART_SECONDS, never on the scoring or the fetch path. It dies with the worker:
+    a shutdown kills it (run() is cancelled), a SIGKILLed worker closes its stdin (EOF)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self._proc: asyncio.subprocess.Process | None = None  # starting, or ready
+        self._ready = False
+        self._taken = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        """The ready standby's process id, None when there is none."""
+        return None if self._proc is None or not self._ready else self._proc.pid
+
+    def take(self) -> asyncio.subprocess.Process | None:
+        """The ready standby, handed over (no longer ours to replace); None when none is ready
+        and alive: the caller starts a fresh child."""
+        proc = self._proc
+        if proc is None or not self._ready or proc.returncode is not None:
+            return None
+        self._proc, self._ready = None, False
+        self._taken.set()
+        return proc
+
+    async def run(self, delay: float) -> None:
+        """Keep one standby ready until cancelled (the worker's shutdown, which kills it).
+        Whatever goes wrong with one is logged and the next tried: the worker's health does
+        not depend on it (a fetch without a standby starts its own child)."""
+        await asyncio.sleep(delay)
+        while True:
+            try:
+                await self._one()
+            except Exception as exc:
+                log.warning("fetch_standby_failed", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                if self._proc is not None:
+                    _kill(self._proc)
+                self._proc, self._ready = None, False
+            await asyncio.sleep(min(delay, STANDBY_RESTART_SECONDS))
+
+    async def _one(self) -> None:
+        """Start one standby, wait until it is ready, then until it is taken or dies."""
+        started = time.monotonic()
+        read_fd, write_fd = os.pipe()
+        try:
+            self._proc = proc = await _spawn(self.tracking_uri, write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child's copy alone: its exit is our end of file
+        reader = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+        try:
+            line = await asyncio.wait_for(reader.readline(), FETCH_TIMEOUT_SECONDS)
+        except TimeoutError:
+            line = b""
+        finally:
+            transport.close()
+        if line != READY_LINE or proc.returncode is not None:
+            log.warning("fetch_standby_failed", pid=proc.pid,
+                        error="not ready in time, or dead: replaced")
+            return
+        self._taken.clear()
+        self._ready = True
+        log.info("fetch_standby_ready", pid=proc.pid,
+                 ms=round((time.monotonic() - started) * 1000))
+        taken = asyncio.ensure_future(self._taken.wait())
+        died = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait({taken, died}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            taken.cancel()
+            died.cancel()
+        if self._proc is proc:  # not taken: it died
+            log.warning("fetch_standby_died", pid=proc.pid, code=proc.returncode)
 
 
 def _ended(code: int) -> str:

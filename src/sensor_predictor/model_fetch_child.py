@@ -3,12 +3,16 @@ numpy form in a file, exit. Run as `python -m sensor_predictor.model_fetch_child
 which writes the request (model_fetch.request_document) as one JSON line on its stdin and keeps
 that pipe open: end of file there means the worker is gone, and the child exits at once.
 
+A standby (model_fetch.Standby) is started ahead of need: it imports MLflow and scikit-learn
+first, says so on the descriptor READY_FD_ENV names, and only then waits for its request.
+
 Here MLflow and scikit-learn are imported, a model may be unpickled (from an allowed source
 only, model_sources.py): all that memory goes away with the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,9 +24,15 @@ from typing import Any
 
 from sensor_predictor.config import ConfigError, load_settings
 from sensor_predictor.logging_setup import configure_logging
-from sensor_predictor.model_fetch import error_document, parse_request
+from sensor_predictor.model_fetch import (
+    READY_FD_ENV,
+    READY_LINE,
+    STANDBY_NICE,
+    error_document,
+    parse_request,
+)
 from sensor_predictor.model_holder import entry_of, load_and_verify
-from sensor_predictor.model_types import ModelLoadError
+from sensor_predictor.model_types import ModelLoadError, mlflow_module
 
 
 def _exit_when_orphaned() -> None:
@@ -54,10 +64,36 @@ def answer(request: dict[str, Any]) -> dict[str, Any]:
     return {"entry": None if entry is None else asdict(entry), "unpickled": model.unpickled}
 
 
+def _preload() -> None:
+    """A standby's imports, done before it is asked: what load_and_verify needs; and MLflow's
+    tracking store, which it keeps per URI (a SQL store checks its schema when opened: a
+    second). Nothing is asked of the store yet: one that does not answer is the fetch's
+    failure, reported as such, not the standby's."""
+    import mlflow.sklearn
+    import sklearn.cluster
+    import sklearn.pipeline
+    import sklearn.preprocessing  # noqa: F401
+
+    with contextlib.suppress(Exception):
+        mlflow.MlflowClient()
+
+
 def main() -> int:
-    request = json.loads(sys.stdin.buffer.readline())
-    threading.Thread(target=_exit_when_orphaned, name="orphan-watch", daemon=True).start()
     _configure_logging()
+    ready_fd = os.environ.pop(READY_FD_ENV, None)
+    if ready_fd is not None:  # a standby (model_fetch.Standby): imports first, then wait
+        with contextlib.suppress(OSError):
+            os.nice(STANDBY_NICE)
+        _preload()
+        with contextlib.suppress(OSError):  # a worker gone meanwhile: EOF below
+            os.write(int(ready_fd), READY_LINE)
+            os.close(int(ready_fd))
+    line = sys.stdin.buffer.readline()
+    if not line:  # the worker is gone (or shut down) before it asked
+        os._exit(3)
+    request = json.loads(line)
+    threading.Thread(target=_exit_when_orphaned, name="orphan-watch", daemon=True).start()
+    mlflow_module().set_tracking_uri(request["tracking_uri"])  # a standby started before
     document = answer(request)
     result = Path(request["result"])
     tmp = result.with_suffix(".tmp")

@@ -339,6 +339,8 @@ class ModelHolder:
         self._reference = reference
         self.sources = sources  # None: the tracking URI's own (model_sources.default_sources)
         self.fetch_timeout = fetch_timeout  # a fetch process running longer is killed
+        # A fetch process started ahead of need (the worker's, once it serves a model).
+        self.standby: model_fetch.Standby | None = None
         self.model_name = model_name
         self.current: LoadedModel | None = None
         self.cache = cache
@@ -467,7 +469,7 @@ class ModelHolder:
         in a thread of this process only when it has no numpy form."""
         policy = self.sources or SourcePolicy(_tracking_uri())
         fetched = await model_fetch.fetch(row, self.model_name, bookkeeping, policy,
-                                          self.fetch_timeout)
+                                          self.fetch_timeout, self.standby)
         if fetched.entry is not None:
             try:
                 model = model_from_entry(row, self.model_name, fetched.entry, source="mlflow")

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from sensor_predictor import connect_errors, db, faults, widen_ids
+from sensor_predictor import connect_errors, db, faults, model_fetch, widen_ids
 from sensor_predictor.config import Settings
 from sensor_predictor.connect_errors import Cause, ConnectFailed, ListenUnavailable
 from sensor_predictor.doorbell import Doorbell
@@ -110,6 +110,11 @@ class Worker:
             settings.model_name, on_failure=self.shadow.load_failed, cache=cache,
             role="candidate", reference=self._active_version, sources=sources)
         self.drift = DriftMonitor(settings, self.metrics)
+        # A fetch process kept ready once a model is served (model_fetch.Standby): a swap to a
+        # model not cached then skips the child's start and its import of MLflow.
+        self.standby = model_fetch.Standby(settings.mlflow_tracking_uri)
+        self.holder.standby = self.candidate_holder.standby = self.standby
+        self._standby_task: asyncio.Task[None] | None = None
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,
                                  on_model=self._notified_model, on_connected=self._listening,
@@ -617,6 +622,12 @@ class Worker:
         assert self.pool is not None
         self.metrics.set_model(model)
         self._update_ready()
+        if model is not None and self._standby_task is None and not self._stopping.is_set():
+            # After the first model, never before: a start-up does not share the CPU with it.
+            delay = self.settings.fetch_standby_delay_seconds
+            self._standby_task = self._supervised("fetch-standby",
+                                                  lambda: self.standby.run(delay))
+            self._tasks.append(self._standby_task)
         if model is not None:
             try:  # a candidate promoted: its shadow scoring ends, its rows stay
                 await self.pool.execute(db.queries()["mark_candidate_promoted"], model.run_id)

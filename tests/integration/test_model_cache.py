@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -129,3 +130,62 @@ async def test_a_model_the_cache_does_not_hold_is_fetched_and_then_cached(
 
 async def _async(value: object) -> object:
     return value
+
+
+def _parent_and_state(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of a process, None once it is gone (a zombie counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (None if fields[0] == "Z" else (int(fields[1]), fields[0]))
+
+
+async def _standby_ready(worker: WorkerProcess, after: int = 0) -> int:
+    """The pid of the next standby fetch process the worker says is ready."""
+    async def ready() -> bool:
+        return len(_events(worker, "fetch_standby_ready")) > after
+    assert await wait_for(ready, timeout=90), worker.tail()
+    return int(_events(worker, "fetch_standby_ready")[after]["pid"])  # type: ignore[call-overload]
+
+
+async def _gone(pid: int) -> bool:
+    return await wait_for(lambda: _async(_parent_and_state(pid) is None), timeout=10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+async def test_a_standby_fetch_process_serves_a_swap_to_an_uncached_model_at_once(
+        conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
+    """The standby (model_fetch.Standby) has MLflow imported before it is asked: the swap waits
+    for the fetch alone, not for a child's start (5-20 s). It is the worker's child, and a
+    SIGKILLed worker leaves none behind (its stdin reaches end of file)."""
+    await activate_model(conn, *models.v1)
+    worker = worker_factory(FETCH_STANDBY_DELAY_SECONDS="0").start()
+    await worker.until_ready()
+    standby = await _standby_ready(worker)
+    assert _parent_and_state(standby) is not None
+    assert _parent_and_state(standby)[0] == worker.pid  # type: ignore[index]
+    started = time.monotonic()
+    await activate_model(conn, *models.v2)
+    assert await wait_for(lambda: _async(worker.ready()["model_version"]  # type: ignore[index]
+                                         == str(models.v2[1])), timeout=30), worker.tail()
+    swap_s = time.monotonic() - started
+    assert swap_s < 3.0, f"{swap_s:.1f} s: the standby was not used\n{worker.tail(6000)}"
+    assert await _gone(standby)  # it served its one request and exited
+    replacement = await _standby_ready(worker, after=1)  # and another one is kept ready
+    assert replacement != standby
+    worker.signal(signal.SIGKILL)
+    worker.wait()
+    assert await _gone(replacement), "a SIGKILLed worker left its standby behind"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+async def test_a_shutdown_kills_the_standby_fetch_process(
+        conn: asyncpg.Connection, models: Models, worker_factory: WorkerFactory) -> None:
+    await activate_model(conn, *models.v1)
+    worker = worker_factory(FETCH_STANDBY_DELAY_SECONDS="0").start()
+    await worker.until_ready()
+    standby = await _standby_ready(worker)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert await _gone(standby), "the worker's shutdown left its standby behind"
