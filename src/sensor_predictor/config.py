@@ -110,8 +110,9 @@ class Settings:
     shutdown_grace_seconds: float = 8.0
     # /ready fails once the active model has differed from the served one this long.
     model_mismatch_ready_seconds: float = 60.0
-    # A standby fetch process (model_fetch.Standby) starts this long after the first model.
-    fetch_standby_delay_seconds: float = 30.0
+    # A standby fetch process (model_fetch.Standby) starts this long after the first model;
+    # None ("off", the default): none, the worker and its fetches stay small (docs/how-it-works).
+    fetch_standby_delay_seconds: float | None = None
     # A replica waits this long for another one's migration before it gives up (exit 1).
     migration_wait_seconds: float = 300.0
 
@@ -256,6 +257,12 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def _off_or_seconds(raw: str) -> float | None:
+    if raw.strip().lower() == "off":
+        return None
+    return _non_negative_float(raw)
+
+
 def _unit_interval(raw: str) -> float:
     value = float(raw)
     if not 0.0 <= value <= 1.0:
@@ -361,7 +368,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", _positive_float),
     "MODEL_MISMATCH_READY_SECONDS": ("model_mismatch_ready_seconds", _positive_float),
     "MIGRATION_WAIT_SECONDS": ("migration_wait_seconds", _positive_float),
-    "FETCH_STANDBY_DELAY_SECONDS": ("fetch_standby_delay_seconds", _non_negative_float),
+    "FETCH_STANDBY_DELAY_SECONDS": ("fetch_standby_delay_seconds", _off_or_seconds),
 }
 
 # libpq's own variables, read when the POSTGRES_* one is not set (POSTGRES_* win).

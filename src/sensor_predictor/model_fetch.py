@@ -148,9 +148,10 @@ async def fetch(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None
                                                 "without an answer") from None
         return read_result(raw)
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
         if proc is not None:
             _kill(proc)  # a timeout, a shutdown (cancelled): never left running
-        shutil.rmtree(folder, ignore_errors=True)
+            await _reaped(proc)
 
 
 async def _spawn(tracking_uri: str, ready_fd: int | None = None) -> asyncio.subprocess.Process:
@@ -174,6 +175,13 @@ async def _ask(proc: asyncio.subprocess.Process, line: bytes) -> bool:
     except (BrokenPipeError, ConnectionResetError):
         return False
     return True
+
+
+async def _reaped(proc: asyncio.subprocess.Process) -> None:
+    """A killed child's exit, waited for (briefly): reaped, never a zombie, and its transport
+    closed (no ResourceWarning for a process still running when it is collected)."""
+    with contextlib.suppress(TimeoutError, ProcessLookupError):
+        await asyncio.wait_for(proc.wait(), 1.0)
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -230,6 +238,7 @@ class Standby:
             finally:
                 if self._proc is not None:
                     _kill(self._proc)
+                    await _reaped(self._proc)
                 self._proc, self._ready = None, False
             await asyncio.sleep(min(delay, STANDBY_RESTART_SECONDS))
 

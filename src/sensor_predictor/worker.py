@@ -622,9 +622,10 @@ class Worker:
         assert self.pool is not None
         self.metrics.set_model(model)
         self._update_ready()
-        if model is not None and self._standby_task is None and not self._stopping.is_set():
+        delay = self.settings.fetch_standby_delay_seconds
+        if (model is not None and delay is not None and self._standby_task is None
+                and not self._stopping.is_set()):
             # After the first model, never before: a start-up does not share the CPU with it.
-            delay = self.settings.fetch_standby_delay_seconds
             self._standby_task = self._supervised("fetch-standby",
                                                   lambda: self.standby.run(delay))
             self._tasks.append(self._standby_task)
