@@ -156,6 +156,13 @@ class Doorbell:
             self._help = True
             self._changed.set()
 
+    def path_lost(self) -> None:
+        """The listen connection was lost and is back: the doorbell session went the same way
+        and may be half-open (a lock request or release sent into a dead path never arrives,
+        and nothing tells the client). Dropped and opened again; then the worker looks and
+        arms anew."""
+        self._lost.set()
+
     # -- the session --------------------------------------------------------------------------
 
     async def run(self) -> None:

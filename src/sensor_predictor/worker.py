@@ -202,6 +202,8 @@ class Worker:
             for connection, opened_at in list(self._connections.items()):
                 if opened_at < self._lost_at:
                     connection.terminate()
+            if self.doorbell is not None:  # its session too: a bell asked for on a dead path
+                self.doorbell.path_lost()  # is never granted, and writers would not notify
             self._reconnected.set()
         # Whatever was notified while nobody listened: look now, and re-check the model.
         self._model_event.set()
