@@ -291,6 +291,22 @@ def entry_of(model: LoadedModel) -> CacheEntry | None:
                            else model.feature_reference.to_json()))
 
 
+def fetch_here(row: ActiveRow, model_name: str, bookkeeping: Bookkeeping | None,
+               sources: SourcePolicy | None) -> LoadedModel:
+    """Blocking: what a fetch process and then the worker do with its answer, in this process:
+    fetched and verified, then served from its numpy form (the one the cache stores), so a model
+    is served the same way whichever path brought it."""
+    model = load_and_verify(row, model_name, bookkeeping, sources)
+    entry = entry_of(model)
+    if entry is None:
+        return model  # no numpy form: served by scikit-learn, as from a fetch process
+    try:
+        served = model_from_entry(row, model_name, entry, source="mlflow")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError("load_failed", f"the fetched model does not fit: {exc}") from exc
+    return replace(served, unpickled=model.unpickled)
+
+
 def model_from_entry(row: ActiveRow, model_name: str, entry: CacheEntry, source: str
                      ) -> LoadedModel:
     """The model of a numpy form (entry_of), built with numpy alone and verified on a probe
@@ -339,6 +355,10 @@ class ModelHolder:
         self._reference = reference
         self.sources = sources  # None: the tracking URI's own (model_sources.default_sources)
         self.fetch_timeout = fetch_timeout  # a fetch process running longer is killed
+        # Fetch in a thread of this process instead of a child: only where this process has
+        # imported MLflow and scikit-learn anyway (the demo, which trains its models in it), so
+        # that a child's import of them again (5-10 s a swap) buys nothing.
+        self.fetch_in_thread = False
         # A fetch process started ahead of need (the worker's, once it serves a model).
         self.standby: model_fetch.Standby | None = None
         self.model_name = model_name
@@ -467,6 +487,10 @@ class ModelHolder:
     async def _fetched(self, row: ActiveRow, bookkeeping: Bookkeeping) -> LoadedModel:
         """The model from MLflow, fetched and verified by a child process (model_fetch.py);
         in a thread of this process only when it has no numpy form."""
+        if self.fetch_in_thread:
+            # A daemon thread: a hung fetch never holds a shutdown up (faults.py).
+            return await in_daemon_thread(  # type: ignore[no-any-return]
+                fetch_here, row, self.model_name, bookkeeping, self.sources)
         policy = self.sources or SourcePolicy(_tracking_uri())
         fetched = await model_fetch.fetch(row, self.model_name, bookkeeping, policy,
                                           self.fetch_timeout, self.standby)

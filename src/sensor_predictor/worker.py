@@ -94,7 +94,11 @@ LATENCY_TRACE = os.environ.get("SENSOR_PREDICTOR_LATENCY_TRACE", "") not in ("",
 
 
 class Worker:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *,
+                 fetch_in_thread: bool = False) -> None:
+        """`fetch_in_thread`: models the cache does not hold are fetched in a thread of this
+        process, not a child (ModelHolder.fetch_in_thread): for a host process that has
+        imported MLflow and scikit-learn anyway, the demo's."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -114,6 +118,7 @@ class Worker:
         # model not cached then skips the child's start and its import of MLflow.
         self.standby = model_fetch.Standby(settings.mlflow_tracking_uri)
         self.holder.standby = self.candidate_holder.standby = self.standby
+        self.holder.fetch_in_thread = self.candidate_holder.fetch_in_thread = fetch_in_thread
         self._standby_task: asyncio.Task[None] | None = None
         self.pool: asyncpg.Pool | None = None
         self.listener = Listener(settings, on_readings=self._notified_readings,

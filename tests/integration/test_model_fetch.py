@@ -6,11 +6,13 @@ PostgreSQL; the failures through a real holder (what the worker runs) and real c
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pickle
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -22,7 +24,7 @@ from sensor_predictor.devtools.mlflow_server import MlflowServer
 from sensor_predictor.devtools.worker_process import WorkerProcess
 from sensor_predictor.model_cache import ModelCache
 from sensor_predictor.model_contract import LEGACY_SCALER_ARTIFACT
-from sensor_predictor.model_holder import ModelHolder
+from sensor_predictor.model_holder import ModelHolder, entry_of
 from sensor_predictor.model_sources import SourcePolicy
 from sensor_predictor.training import activate_model
 from tests.support.databases import Database
@@ -170,3 +172,23 @@ async def test_a_fetch_that_hangs_is_killed_and_counted_unreachable(
 
 async def _no_children() -> bool:
     return not _fetch_children()
+
+
+async def test_a_holder_that_fetches_in_a_thread_serves_what_the_cache_holds(
+        conn: asyncpg.Connection, pool: asyncpg.Pool, models: Models,
+        shared_model_cache: Path) -> None:
+    """The demo's worker fetches in a thread (its process trained the models, MLflow is
+    imported): the model it serves from MLflow is, to the last array, the numpy form a fetch
+    process hands back and the cache stores, and it is served the same way (numpy kernel)."""
+    holder = ModelHolder("m", sources=SourcePolicy(models.store.uri))
+    holder.fetch_in_thread = True
+    await activate_model(conn, *models.v2)
+    assert await holder.refresh(pool)
+    served = holder.current
+    assert served is not None and served.source == "mlflow" and served.kernel is not None
+    cached = ModelCache(shared_model_cache, models.store.uri).load(*models.v2)
+    assert cached is not None
+    fetched = entry_of(served)
+    assert fetched is not None
+    assert json.dumps(asdict(fetched), sort_keys=True) == json.dumps(asdict(cached),
+                                                                     sort_keys=True)

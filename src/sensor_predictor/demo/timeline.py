@@ -354,7 +354,9 @@ class Demo:
     async def _start_worker(self) -> None:
         from sensor_predictor.worker import Worker
 
-        self.worker = Worker(self.settings)
+        # This process trained the models: MLflow and scikit-learn are imported already, so
+        # a swap fetches in a thread instead of a child importing them again (seconds a swap).
+        self.worker = Worker(self.settings, fetch_in_thread=True)
         self.worker_task = asyncio.create_task(self.worker.run(handle_signals=False),
                                                name="worker")
         deadline = time.monotonic() + WORKER_READY_TIMEOUT
