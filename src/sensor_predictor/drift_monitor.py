@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,8 @@ class DriftMonitor:
         self._excursion = ExcursionState()
         self._peak: float | None = None
         self._last_gauges = 0.0
+        self._scipy_wanted = False
+        self._scipy_import: asyncio.Future[None] | None = None
 
     async def start_model(self, model: LoadedModel, pool: asyncpg.Pool) -> None:
         # A restart in the middle of an excursion resumes it instead of reporting it again.
@@ -97,9 +100,20 @@ class DriftMonitor:
                  features=0 if self._features is None else len(self._features.names),
                  outliers="tracked" if self._outliers is not None else
                  "not tracked: the model carries no training distances")
-        # The p-value's scipy.special, imported off the event loop (~0.5 s cold), once the
-        # gauges above show the resumed state.
-        await asyncio.to_thread(_import_scipy_special)
+        # The p-value's scipy.special (~0.2-0.5 s to import) is imported off the event loop once
+        # the first batch is observed (observe), not here: here it held the first pass of a
+        # restarted worker back (a thread importing holds the interpreter's lock too).
+        self._scipy_wanted = "scipy.special" not in sys.modules
+
+    def _import_scipy_in_background(self) -> None:
+        """After the first batch is committed and observed: a window that filled with it has
+        imported scipy.special inline already (then this is a no-op thread)."""
+        self._scipy_wanted = False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (the bench's direct use): imported when first needed
+        self._scipy_import = loop.run_in_executor(None, _import_scipy_special)
 
     def track(self, model: LoadedModel, resumed: bool = False) -> None:
         """Fresh trackers for `model` (no I/O: start_model, and the bench)."""
@@ -148,6 +162,8 @@ class DriftMonitor:
         if tracker is None or model.version != self._version or labels.size == 0:
             return
         update = tracker.update(labels)
+        if self._scipy_wanted:
+            self._import_scipy_in_background()
         m = self._metrics
         m.drift_window_fill.set({}, update.window_fill / tracker.window)
         m.drift_score.set({}, float("nan") if update.score is None else float(update.score))
