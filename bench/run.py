@@ -42,6 +42,7 @@ import asyncpg
 import numpy as np
 
 from bench import floor, load, old_design
+from bench.bytecode import compile_worker
 from bench.cluster import SERVER_SETTINGS, start_cluster, stop_cluster
 from bench.cpu import CpuMeter
 from sensor_predictor.config import load_settings
@@ -691,14 +692,15 @@ class Bench:
                 await c.close()
 
         task = asyncio.create_task(sampler())
-        steps = []
+        steps: list[dict[str, Any]] = []
         assert self.step_producer is not None
-        for rate in self.args.step_rates:
+        producer = self.step_producer
+
+        async def step(rate: int, refined: bool = False) -> bool:
             start = time.monotonic() - t0
-            conns = self.step_producer.shape.connections
+            conns = producer.shape.connections
             snap0 = self.cpu.snapshot()
-            prod = await load.produce(self.dsn(db_name), self.step_producer, rate,
-                                      self.args.step_seconds)
+            prod = await load.produce(self.dsn(db_name), producer, rate, self.args.step_seconds)
             end = time.monotonic() - t0
             machine_cpu = self.cpu.delta(snap0, self.cpu.snapshot())
             inside = [s for s in samples if start <= s[0] <= end]
@@ -718,22 +720,42 @@ class Bench:
                 "producer_reached_target": prod.rate >= 0.95 * rate,
                 "consumed_rate": round(consumed), "backlog_max": max(s[1] for s in inside),
                 "backlog_end": inside[-1][1], "bound": int(bound), "bounded": bounded,
+                "refined": refined,
                 "start_s": round(start, 2), "end_s": round(end, 2), "cpu_cores": machine_cpu})
-            say(f"step {rate}/s ({self.step_producer.shape}): produced {prod.rate:,.0f}/s, "
-                f"consumed {consumed:,.0f}/s, backlog max {steps[-1]['backlog_max']:,} end "
-                f"{steps[-1]['backlog_end']:,} ({'bounded' if bounded else 'GROWING'}); "
-                f"cores: {machine_cpu}")
-            if not bounded:  # higher steps would only pile onto a growing backlog
+            say(f"step {rate}/s{' (refining)' if refined else ''} ({producer.shape}): produced "
+                f"{prod.rate:,.0f}/s, consumed {consumed:,.0f}/s, backlog max "
+                f"{steps[-1]['backlog_max']:,} end {steps[-1]['backlog_end']:,} "
+                f"({'bounded' if bounded else 'GROWING'}); cores: {machine_cpu}")
+            return bounded
+
+        lo = None
+        hi = None
+        for rate in self.args.step_rates:
+            if not await step(rate):  # higher steps would only pile onto a growing backlog
+                hi = rate
                 break
+            lo = rate
+        # The listed rates are coarse (20k, then 30k): between the last bounded step and the
+        # first growing one, the knee is bisected, each probe from a drained backlog, so that
+        # the figure is not the list's granularity.
+        for _ in range(self.args.step_refine if lo is not None and hi is not None else 0):
+            assert lo is not None and hi is not None
+            mid = int(round((lo + hi) / 2 / 500) * 500)
+            if mid in (lo, hi):
+                break
+            await wait_drained(conn, timeout=60)
+            if await step(mid, refined=True):
+                lo = mid
+            else:
+                hi = mid
         drain_s = await wait_drained(conn, timeout=60)
         stop.set()
         await task
-        best = None
-        for s in steps:  # the highest rate reached with every step up to it bounded
-            if not s["bounded"]:
-                break
-            best = s
-        return {"step_seconds": self.args.step_seconds, "producer": str(self.step_producer.shape),
+        # The highest rate bounded: the listed steps stop at the first growing one, so every
+        # listed step below a bounded one was bounded too; a probe starts from a drained backlog.
+        best = max((s for s in steps if s["bounded"]), key=lambda s: s["produced_rate"],
+                   default=None)
+        return {"step_seconds": self.args.step_seconds, "producer": str(producer.shape),
                 "steps": steps,
                 "max_bounded_rate": best["produced_rate"] if best else None,
                 "max_bounded_limited_by_producer": bool(best and not best[
@@ -944,6 +966,8 @@ class Bench:
                                 "command": " ".join(["uv run python -m bench", *sys.argv[1:]])}
         self.results["targets"] = TARGETS
         phases = self.phases = set(self.args.only or PHASES)
+        # The worker imports from bytecode, as in its image (bench/bytecode.py).
+        self.results["machine"]["bytecode"] = compile_worker(self.args.worker_src)
         try:
             if "drift" in phases:
                 self.phase_drift()
@@ -1314,6 +1338,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="offered rates of the step-up, in order; it stops after the first step "
                         "whose backlog is not bounded")
     p.add_argument("--step-seconds", type=float, default=15)
+    p.add_argument("--step-refine", type=int, default=2,
+                   help="probes bisecting between the last bounded and the first growing step")
     p.add_argument("--producer", default="insert:500x4", metavar="KIND:ROWSxCONNS",
                    help="the step-up's producer: insert (plain multi-row INSERT ... VALUES, the "
                         "old writers' SQL) or copy (text COPY), ROWS readings a statement, over "
