@@ -31,8 +31,10 @@ pytestmark = [pytest.mark.chaos]
 # Where a hostile value sits: in a feature the model reads (PostgreSQL cannot cast it: the
 # batch takes the Python slow path) or under a key nobody reads.
 _KEYS = st.sampled_from(["Sensor 3", "Sensor 17", "junk"])
-_JUNK_KEY = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                    max_size=12).filter(lambda k: k not in FEATURES)
+# Text PostgreSQL's jsonb can hold: no surrogates, no \u0000 (the writer's INSERT itself is
+# refused with those, before any reading exists to score).
+_STORABLE = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+_JUNK_KEY = st.text(_STORABLE, max_size=12).filter(lambda k: k not in FEATURES)
 
 
 def _body(key: str, literal: str, junk: dict[str, str]) -> str:
@@ -51,7 +53,7 @@ def _hostile(draw: Any) -> tuple[str, str]:
     """(kind, the reading's JSON text)."""
     kind = draw(st.sampled_from(["deep", "long", "digits", "junk"]))
     key = draw(_KEYS)
-    junk = draw(st.dictionaries(_JUNK_KEY, st.text(max_size=8), max_size=3))
+    junk = draw(st.dictionaries(_JUNK_KEY, st.text(_STORABLE, max_size=8), max_size=3))
     if kind == "deep":
         depth = draw(st.integers(1_000, 10_000))
         literal = "[" * depth + "1" + "]" * depth
@@ -60,7 +62,7 @@ def _hostile(draw: Any) -> tuple[str, str]:
     elif kind == "digits":
         literal = "-" * draw(st.booleans()) + "9" * draw(st.integers(5_000, 6_000))
     else:
-        literal = json.dumps(draw(st.text(max_size=30)))
+        literal = json.dumps(draw(st.text(_STORABLE, max_size=30)))
         key = "junk"
     return f"{kind}@{key}", _body(key, literal, junk)
 
