@@ -61,8 +61,8 @@ HELP_SECONDS = 0.25
 class BellState:
     """What the drain loop needs to know of the bell.
 
-    want    the worker wants the bell (set when a pass ends; cleared when a claim of a pass
-            hands out readings while the bell is held)
+    want    the worker wants the bell (set when a pass ends; cleared when a pass starts while
+            the bell is held and a pass has looked since the grant)
     held    this worker's session holds the bell now
     grant   how many times it was granted (which grant a pass started under)
     looked  a pass that started after the latest grant ended without error: every writer
@@ -76,14 +76,14 @@ class BellState:
 
 
 def pass_starts(state: BellState) -> int | None:
-    """A drain pass starts. Returns the grant it starts under (None: not armed, or armed and
-    already looked since the grant: not a look). The bell is kept either way: given up only
-    when a claim hands out readings (work_found), so that writers stop notifying while the
-    worker drains. A wake-up that finds nothing (a model swap, the poll, an orphan look) leaves
-    the worker armed: giving the bell up at every pass start opened a window, until the next
-    grant, in which writers did not notify and a sleeping worker's readings waited for the
-    grant's look."""
-    if not state.held or state.looked:
+    """A drain pass starts. Returns the grant it starts under (None: not armed), and decides:
+    armed and already looked since the grant, the bell is given up (want cleared) so that
+    writers stop notifying while the worker drains; armed and not looked yet, this pass is the
+    look that lets the worker sleep, so the bell is kept."""
+    if not state.held:
+        return None
+    if state.looked:
+        state.want = False
         return None
     return state.grant
 
