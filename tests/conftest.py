@@ -3,6 +3,9 @@ helpers from tests.support.* and never from here."""
 
 from __future__ import annotations
 
+import compileall
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["tests.support.fixtures", "tests.support.chaos_fixtures"]
@@ -19,6 +22,10 @@ SLOW_FIXTURES = frozenset({
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The worker processes the tests start import our package as bytecode, as the image's do
+    # (UV_COMPILE_BYTECODE=1; `uv sync` compiles the dependencies, pyproject's [tool.uv]). This
+    # machine sets PYTHONDONTWRITEBYTECODE=1: without this, each process compiles it again.
+    compileall.compile_dir(Path(__file__).resolve().parents[1] / "src", quiet=1)
     config.addinivalue_line(
         "markers", "own_model_cache: the test's workers get a model cache of their own, empty"
         " at the start (tests of MLflow fetches and of the cache); others share the run's")

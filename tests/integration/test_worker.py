@@ -44,17 +44,26 @@ async def test_notification_scores_within_milliseconds(
     await activate_model(conn, run_id, version)
     worker = worker_factory(INFERENCE_INTERVAL_SECONDS="30").start()
     await worker.until_ready()
-    # Asleep (it holds the doorbell): the insert notifies (before that, its start-up look
-    # would find the readings without a notification).
-    assert await wait_for(lambda: doorbell.armed(conn), timeout=10)
+    # Asleep (it holds the doorbell): the insert notifies. The bell is given up and asked for
+    # again around every pass (the model's swap at start is one), so a batch may fall between
+    # a release and the next grant and be found by the grant's look instead: nothing waits
+    # then either, but it proves nothing about notifications; another batch, until one
+    # notifies.
+    ids: list[int] = []
+    for _ in range(5):
+        assert await wait_for(lambda: doorbell.armed(conn), timeout=10)
+        notified = worker.metric("sensor_wakeups_total", 'cause="notification"') or 0
+        started = time.monotonic()
+        ids += await insert_readings(conn, [reading(i) for i in range(10)])
+        assert await wait_for(lambda: _all_scored(conn), timeout=5, interval=0.005)
+        elapsed = time.monotonic() - started
+        # The poll is 30 s away: a notification (or the grant's look) explains this.
+        assert elapsed < 2.0, elapsed
+        if (worker.metric("sensor_wakeups_total", 'cause="notification"') or 0) > notified:
+            break
+    else:
+        raise AssertionError(f"no batch of 5 woke the worker by notification:\n{worker.scrape()}")
 
-    started = time.monotonic()
-    ids = await insert_readings(conn, [reading(i) for i in range(10)])
-    assert await wait_for(lambda: _all_scored(conn), timeout=5, interval=0.005)
-    elapsed = time.monotonic() - started
-
-    # The poll is 30 s away: only the notification can explain this.
-    assert elapsed < 2.0, elapsed
     rows = await conn.fetch(
         "SELECT reading_id, cluster_id, model_version, mlflow_run_id, model_name,"
         " confidence_score FROM predictions ORDER BY reading_id")
@@ -64,8 +73,7 @@ async def test_notification_scores_within_milliseconds(
     assert {r["model_name"] for r in rows} == {"sensor_failure_clustering"}
     assert all(0 <= r["cluster_id"] < 4 for r in rows)
     assert all(0.0 <= r["confidence_score"] <= 1.0 for r in rows)
-    assert worker.metric("sensor_predictions_total") == 10
-    assert (worker.metric("sensor_wakeups_total", 'cause="notification"') or 0) >= 1
+    assert worker.metric("sensor_predictions_total") == len(ids)
 
 
 async def test_poll_catches_what_no_notification_announced(
