@@ -4,6 +4,8 @@ helpers from tests.support.* and never from here."""
 from __future__ import annotations
 
 import compileall
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,26 @@ SLOW_FIXTURES = frozenset({
 
 def pytest_configure(config: pytest.Config) -> None:
     # The worker processes the tests start import our package as bytecode, as the image's do
-    # (UV_COMPILE_BYTECODE=1; `uv sync` compiles the dependencies, pyproject's [tool.uv]). This
-    # machine sets PYTHONDONTWRITEBYTECODE=1: without this, each process compiles it again.
+    # (UV_COMPILE_BYTECODE=1; the dependencies are compiled by `uv sync --compile-bytecode`,
+    # .ci/run and the README). This machine sets PYTHONDONTWRITEBYTECODE=1: without this, each
+    # process compiles our package again.
     compileall.compile_dir(Path(__file__).resolve().parents[1] / "src", quiet=1)
     config.addinivalue_line(
         "markers", "own_model_cache: the test's workers get a model cache of their own, empty"
         " at the start (tests of MLflow fetches and of the cache); others share the run's")
+
+
+def pytest_report_header() -> str | None:
+    """Say so when the dependencies were installed without bytecode (the suite takes about a
+    third longer: every process the tests start compiles MLflow and scikit-learn again)."""
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or spec.origin is None or not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return None
+    if os.path.exists(importlib.util.cache_from_source(spec.origin)):
+        return None
+    return ("bytecode: the environment's packages are not compiled and PYTHONDONTWRITEBYTECODE"
+            " is set; `uv sync --all-groups --all-extras --compile-bytecode` makes this run"
+            " about a third faster")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
