@@ -117,10 +117,16 @@ def check_full_run(output: str) -> None:
     assert int(summary_value(output, "drift events")) >= 1, output
     assert "drift detected on model" in output
     assert "mid-stream" in output and "the worker now serves model" in output
-    # The hourly retrain (same stream) speaks in the first model's ids: continuous.
-    first, hourly = (re.findall(r"(\d+): \d+%", line) for line in re.findall(
+    # The hourly retrain (same stream) speaks in the first model's ids: continuous. It fits on
+    # the few hundred readings streamed so far (more on a busy machine, where it comes later),
+    # so a cluster may land beyond the matching rule (cluster_ids.py) and get a fresh id, never
+    # one of the first model's: most of the first model's ids carry on, none is reused.
+    first, hourly = ([int(i) for i in re.findall(r"(\d+): \d+%", line)] for line in re.findall(
         r"^ {2}(?:by cluster id| {13}) {6}v\d+ {2}(.*)$", output, re.MULTILINE)[:2])
-    assert first and sorted(first) == sorted(hourly), output
+    assert first and len(hourly) == len(first), output
+    carried = set(first) & set(hourly)
+    assert 2 * len(carried) >= len(first), output
+    assert all(i > max(first) for i in set(hourly) - carried), output
     # The candidate: scored in the shadow, its agreement measured, then promoted.
     shadow = summary_value(output, "shadow")
     assert re.search(rf"candidate {served[2]}: [1-9]\d* readings scored beside the active "
