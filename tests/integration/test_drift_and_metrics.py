@@ -211,18 +211,12 @@ async def test_the_metrics_endpoint_over_http(
                  "sensor_batch_duration_seconds_count"):
         assert worker.metric(name) is not None, name
     assert worker.metric("sensor_db_reconnects_total", 'connection="listener"') == 0
-    # Wake-ups are counted by cause. A writer notifies while the worker holds the doorbell
-    # (asleep); the bell is given up and asked for again around every pass (the model's swap
-    # at start is one), so a single insert may fall between a release and the next grant, and
-    # is then found by the grant's look, not by a notification: a few more, until one notifies.
-    async def notified() -> bool:
-        if (worker.metric("sensor_wakeups_total", 'cause="notification"') or 0) >= 1:
-            return True
-        if await doorbell.armed(conn):
-            await insert_readings(conn, [r.values for r in Simulator(1, seed=9).next_batch(1)])
-        return False
+    # Wake-ups are counted by cause: a writer notifies while the worker holds the doorbell.
+    async def one_reading() -> None:
+        await insert_readings(conn, [r.values for r in Simulator(1, seed=9).next_batch(1)])
+        assert await wait_for(lambda: _scored(conn), timeout=10)
 
-    assert await wait_for(notified, timeout=10), worker.scrape()
+    await doorbell.until_a_notification(conn, worker, one_reading)
 
     status, text = worker.get("/ready")
     assert status == 200 and '"ready": true' in text
